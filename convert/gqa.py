@@ -1,0 +1,387 @@
+"""MHA/GQA -> GQA/MQA/MHA weight transformation for one attention layer.
+
+Every conversion is phrased over *query heads*: each query head first gets its own (virtual)
+copy of the KV head it reads from, so a GQA source looks like an MHA source with duplicated
+heads. A target with `t` KV heads then partitions the query heads into `t` equal groups, and
+each group's K and V projections are merged into one.
+
+Two merges:
+
+* ``mean`` - the GQA paper's mean-pooling of the group's K and V projections.
+* ``aware`` - activation-aware. Each query head keeps a private correction folded into its own
+  weights, so the shared projection only has to span what the group has in common:
+
+  - V: head i's value map ``V_i = X Wv_i`` may be replaced by ``V_g M_i`` for any matrix M_i,
+    because ``M_i`` folds into the o_proj columns of head i. The best shared ``V_g`` is the top
+    principal subspace of the group's stacked values, each weighted by its o_proj Gram matrix
+    (what a value error costs at the layer output), under the calibration input covariance.
+  - K: under RoPE only maps that commute with the rotation may be folded into q_proj: one
+    complex scalar per frequency pair. Per frequency, the group's keys are complex time series
+    ``k_i = X w_i``; the best shared key with per-head complex scalars is a rank-1 complex PCA,
+    weighted by each head's query energy at that frequency (a key error at a frequency the query
+    never uses costs nothing).
+
+Both are closed-form (eigendecompositions in float64) and exact when the group's heads agree.
+Biases are handled by augmenting the input with a constant 1, so a K/V bias is merged like any
+other input direction. Models with per-head q/k RMSNorm (Qwen3, Gemma 3) only allow a phase
+(rotation) to pass the query norm, so there the K fold is restricted to unit-modulus scalars;
+this is exact when the q-norm weight is equal within each frequency pair and approximate
+otherwise (recorded in the conversion record).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .adapters import AttentionLayout
+from .errors import ConversionError
+
+METHODS = ("aware", "mean")
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention projections in nn.Linear layout (out_features x in_features)."""
+
+    q_w: torch.Tensor
+    k_w: torch.Tensor
+    v_w: torch.Tensor
+    o_w: torch.Tensor
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # shared per-head RMSNorm weights, if the model has them
+    k_norm: torch.Tensor | None = None
+
+
+def valid_kv_heads(num_heads: int) -> list[int]:
+    return [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+
+
+def check_kv_heads(layout: AttentionLayout, kv_heads: int) -> None:
+    if kv_heads < 1 or layout.num_heads % kv_heads:
+        raise ConversionError(
+            f"--kv-heads {kv_heads} does not divide the {layout.num_heads} query heads; "
+            f"valid values: {', '.join(map(str, valid_kv_heads(layout.num_heads)))}."
+        )
+
+
+def default_groups(num_heads: int, kv_heads: int) -> list[list[int]]:
+    """Neighbouring query heads share a KV head (the layout Transformers' GQA uses)."""
+    size = num_heads // kv_heads
+    return [list(range(g * size, (g + 1) * size)) for g in range(kv_heads)]
+
+
+def check_groups(groups: list[list[int]], num_heads: int) -> None:
+    flat = sorted(h for g in groups for h in g)
+    sizes = {len(g) for g in groups}
+    if flat != list(range(num_heads)) or len(sizes) != 1:
+        raise ConversionError(
+            f"groups must partition the {num_heads} query heads into equal-sized groups, got {groups}."
+        )
+
+
+def pair_indices(head_dim: int, rope_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the real and imaginary dimension of each RoPE frequency pair."""
+    if rope_layout == "half":
+        half = head_dim // 2
+        return torch.arange(half), torch.arange(half, head_dim)
+    if rope_layout == "interleaved":
+        return torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)
+    raise ValueError(f"unknown rope layout {rope_layout!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers over per-head views
+
+
+def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[W | b]: weights acting on the input augmented with a constant 1."""
+    b = bias if bias is not None else weight.new_zeros(weight.shape[0])
+    return torch.cat([weight, b[:, None]], dim=1)
+
+
+def _virtual_heads(w: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    """(num_kv*hd, D) -> (num_heads, hd, D): the KV weights each query head reads."""
+    per_kv = w.reshape(layout.num_kv_heads, layout.head_dim, -1)
+    return per_kv.repeat_interleave(layout.group_size, dim=0)
+
+
+def _to_complex(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """(..., hd, D) real -> (..., hd/2, D) complex, one row per RoPE frequency."""
+    return torch.complex(w[..., re, :], w[..., im, :])
+
+
+def _from_complex(wc: torch.Tensor, re: torch.Tensor, im: torch.Tensor, head_dim: int) -> torch.Tensor:
+    out = wc.real.new_empty(*wc.shape[:-2], head_dim, wc.shape[-1])
+    out[..., re, :] = wc.real
+    out[..., im, :] = wc.imag
+    return out
+
+
+def _sym_sqrt(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its inverse (regularised)."""
+    vals, vecs = torch.linalg.eigh(m)
+    floor = rel_eps * vals.clamp(min=0).mean().clamp(min=1e-30)
+    vals = vals.clamp(min=floor)
+    root = (vecs * vals.sqrt()) @ vecs.T
+    inv_root = (vecs / vals.sqrt()) @ vecs.T
+    return root, inv_root
+
+
+def query_energy(
+    q_heads: torch.Tensor, cov: torch.Tensor, re: torch.Tensor, im: torch.Tensor,
+    q_norm: torch.Tensor | None,
+) -> torch.Tensor:
+    """E|q_{i,f}|^2 per query head and RoPE frequency: (num_heads, hd/2)."""
+    var = torch.einsum("hod,de,hoe->ho", q_heads, cov, q_heads)  # per output dim
+    if q_norm is not None:
+        # After RMSNorm a head's dims have unit mean energy, then the norm weight scales them.
+        var = var / var.mean(dim=1, keepdim=True).clamp(min=1e-30) * q_norm.double()[None] ** 2
+    return (var[:, re] + var[:, im]).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# merges of one group (members are query heads, each with its own virtual K/V weights)
+
+
+def merge_keys_aware(
+    k_members: torch.Tensor, energy: torch.Tensor, cov: torch.Tensor, phase_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared complex key weights (F, D) and per-member complex folds a (r, F) with k_i ~ a_i k_g.
+
+    Minimises sum_i E_f[s_if^2 |k_i - a_i k_g|^2] with s_if^2 the query energy of head i.
+    """
+    s = energy.clamp(min=1e-12 * energy.max().clamp(min=1e-30)).sqrt()  # (r, F)
+    cov_c = cov.to(k_members.dtype)
+    gram = torch.einsum("rfd,de,sfe->frs", k_members.conj(), cov_c, k_members)  # (F, r, r)
+    s_f = s.T.to(gram.dtype)  # (F, r)
+    weighted = s_f[:, :, None] * gram * s_f[:, None, :]
+    _, vecs = torch.linalg.eigh(weighted)
+    p = vecs[..., -1]  # (F, r) top eigenvector per frequency
+    shared = torch.einsum("fr,rfd->fd", s_f * p, k_members)
+    folds = (p.conj() / s_f).T  # (r, F)
+    if phase_only:
+        # Only a rotation passes the query RMSNorm: keep the phases, refit the shared key for
+        # unit-modulus folds (energy-weighted mean of the phase-aligned member keys).
+        folds = folds / folds.abs().clamp(min=1e-30)
+        w2 = (s.T**2).to(gram.dtype)  # (F, r)
+        shared = torch.einsum("fr,rfd->fd", w2 * folds.T.conj(), k_members) / w2.sum(1, keepdim=True)
+        return shared, folds
+    # Fix the free complex scale per frequency so that identical heads give a_i = 1, k_g = k_i.
+    scale = folds.mean(dim=0)
+    rms = folds.abs().pow(2).mean(dim=0).sqrt()
+    scale = torch.where(scale.abs() > 1e-6 * rms, scale, rms.to(scale.dtype))
+    return shared * scale[:, None], folds / scale[None, :]
+
+
+def merge_values_aware(
+    v_members: torch.Tensor, o_members: torch.Tensor, cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared value weights (hd, D) and per-member maps M (r, hd, hd) with V_i ~ V_g M_i.
+
+    Minimises sum_i E||(V_i - V_g M_i) Wo_i^T||^2: the error each head's value causes at the
+    layer output, with Wo_i the head's o_proj columns.
+    """
+    r, hd, _ = v_members.shape
+    roots, inv_roots = zip(*(_sym_sqrt(o.T @ o) for o in o_members))
+    # B = [Wv_i^T R_i]_i : (D, r*hd); Y' = X B are the output-weighted values.
+    b = torch.cat([v.T @ root for v, root in zip(v_members, roots)], dim=1)
+    vals, vecs = torch.linalg.eigh(b.T @ cov @ b)
+    p = vecs[:, -hd:].flip(-1)  # top-hd principal directions, (r*hd, hd)
+    shared_t = b @ p  # (D, hd)
+    maps = torch.stack([p[i * hd:(i + 1) * hd].T @ inv_roots[i] for i in range(r)])
+    # Rescale each shared dim to the members' average value energy (numerically friendlier).
+    shared_var = torch.einsum("dk,de,ek->k", shared_t, cov, shared_t).clamp(min=1e-30)
+    member_var = torch.einsum("rkd,de,rke->k", v_members, cov, v_members) / r
+    t = (member_var.clamp(min=1e-30) / shared_var).sqrt()
+    return (shared_t * t).T, maps / t[None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _identical(members: torch.Tensor) -> bool:
+    return bool((members == members[:1]).all())
+
+
+def convert_attention(
+    weights: AttentionWeights,
+    layout: AttentionLayout,
+    kv_heads: int,
+    method: str = "aware",
+    *,
+    groups: list[list[int]] | None = None,
+    cov: torch.Tensor | None = None,
+    rope_layout: str = "half",
+) -> AttentionWeights:
+    """Convert one layer's attention to `kv_heads` KV heads.
+
+    `groups` lists, per target KV head, the source query heads that will share it (default:
+    neighbours). Query heads are permuted so each group is contiguous, which is exact because
+    q_proj rows and o_proj columns move together. `cov` is the second moment (D x D, D =
+    hidden + 1 with a trailing constant) of the attention input on calibration data; without
+    it the aware merge uses an isotropic input (a weight-only merge).
+    """
+    check_kv_heads(layout, kv_heads)
+    if method not in METHODS:
+        raise ConversionError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")
+    nh, hd = layout.num_heads, layout.head_dim
+    groups = groups or default_groups(nh, kv_heads)
+    if len(groups) != kv_heads:
+        raise ConversionError(f"{len(groups)} groups given for {kv_heads} KV heads.")
+    check_groups(groups, nh)
+    order = torch.tensor([h for g in groups for h in g])
+    out_dtype = weights.q_w.dtype
+    d = weights.q_w.shape[1]
+    f64 = torch.float64
+
+    q = _augmented(weights.q_w.to(f64), None if weights.q_b is None else weights.q_b.to(f64))
+    q = q.reshape(nh, hd, d + 1)[order]
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)[order]
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)[order]
+    o = weights.o_w.to(f64).reshape(-1, nh, hd)[:, order]  # (d_out, nh, hd)
+    o = o.permute(1, 0, 2).contiguous()  # (nh, d_out, hd)
+
+    if cov is None:
+        cov = torch.eye(d + 1, dtype=f64)
+    cov = cov.to(f64)
+    re, im = pair_indices(hd, rope_layout)
+    q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
+    energy = query_energy(q, cov, re, im, q_norm) if method == "aware" else None
+
+    size = nh // kv_heads
+    new_k, new_v = [], []
+    for g in range(kv_heads):
+        sl = slice(g * size, (g + 1) * size)
+        if _identical(k[sl]) and _identical(v[sl]):
+            new_k.append(k[sl][0])
+            new_v.append(v[sl][0])
+        elif method == "mean":
+            new_k.append(k[sl].mean(0))
+            new_v.append(v[sl].mean(0))
+        else:
+            kc = _to_complex(k[sl], re, im)
+            shared_k, folds = merge_keys_aware(kc, energy[sl], cov, phase_only=q_norm is not None)
+            new_k.append(_from_complex(shared_k, re, im, hd))
+            qc = _to_complex(q[sl], re, im) * folds.conj()[:, :, None]
+            q[sl] = _from_complex(qc, re, im, hd)
+            shared_v, maps = merge_values_aware(v[sl], o[sl], cov)
+            new_v.append(shared_v)
+            o[sl] = torch.einsum("rok,rjk->roj", o[sl], maps)  # Wo_i <- Wo_i M_i^T
+
+    k_aug = torch.stack(new_k).reshape(kv_heads * hd, d + 1)
+    v_aug = torch.stack(new_v).reshape(kv_heads * hd, d + 1)
+    q_aug = q.reshape(nh * hd, d + 1)
+    o_w = o.permute(1, 0, 2).reshape(-1, nh * hd)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(out_dtype).contiguous()
+
+    return replace(
+        weights,
+        q_w=cast(q_aug[:, :d]),
+        q_b=None if weights.q_b is None else cast(q_aug[:, d]),
+        k_w=cast(k_aug[:, :d]),
+        k_b=None if weights.k_b is None else cast(k_aug[:, d]),
+        v_w=cast(v_aug[:, :d]),
+        v_b=None if weights.v_b is None else cast(v_aug[:, d]),
+        o_w=cast(o_w),
+    )
+
+
+def _opt64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# regrouping: which query heads share a KV head is a free choice
+
+
+def pairwise_merge_cost(
+    weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor | None, rope_layout: str = "half"
+) -> torch.Tensor:
+    """(num_heads x num_heads) relative error of merging two query heads' K and V (aware merge).
+
+    K cost: per frequency, the weighted energy the rank-1 complex fit leaves out; V cost: the
+    output-weighted value energy outside the top head_dim principal directions. Each is divided
+    by the layer's total so K and V count equally.
+    """
+    nh, hd = layout.num_heads, layout.head_dim
+    d = weights.q_w.shape[1]
+    f64 = torch.float64
+    cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    re, im = pair_indices(hd, rope_layout)
+    q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
+    s = query_energy(q, cov, re, im, q_norm).sqrt()  # (nh, F)
+    kc = _to_complex(k, re, im) * s[:, :, None]
+    k_gram = torch.einsum("afd,de,bfe->fab", kc.conj(), cov.to(kc.dtype), kc)  # (F, nh, nh)
+    k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
+    yb = torch.stack([vi.T @ _sym_sqrt(oi.T @ oi)[0] for vi, oi in zip(v, o)])  # (nh, D, hd)
+    v_gram = torch.einsum("adk,de,bel->abkl", yb, cov, yb)  # (nh, nh, hd, hd)
+    v_total = torch.einsum("aakk->", v_gram)
+    k_total = k_diag.sum()
+    cost = torch.zeros(nh, nh, dtype=f64)
+    for a in range(nh):
+        for b in range(a + 1, nh):
+            # smallest eigenvalue of each 2x2 Hermitian [[g_aa, g_ab], [g_ba, g_bb]]
+            tr = k_diag[:, a] + k_diag[:, b]
+            det = k_diag[:, a] * k_diag[:, b] - k_gram[:, a, b].abs() ** 2
+            k_res = (tr / 2 - ((tr / 2) ** 2 - det).clamp(min=0).sqrt()).sum()
+            block = torch.cat(
+                [torch.cat([v_gram[a, a], v_gram[a, b]], 1), torch.cat([v_gram[b, a], v_gram[b, b]], 1)], 0
+            )
+            v_res = torch.linalg.eigvalsh(block)[:hd].clamp(min=0).sum()
+            cost[a, b] = cost[b, a] = k_res / k_total.clamp(min=1e-30) + v_res / v_total.clamp(min=1e-30)
+    return cost
+
+
+def plan_groups(cost: torch.Tensor, kv_heads: int, max_swap_rounds: int = 20) -> list[list[int]]:
+    """Balanced partition of heads into `kv_heads` groups with low within-group pairwise cost.
+
+    Greedy seeding (cheapest pair, then the head cheapest to add) followed by pairwise swaps
+    between groups while they lower the total cost.
+    """
+    nh = cost.shape[0]
+    size = nh // kv_heads
+    if size == 1 or kv_heads == 1:
+        return default_groups(nh, kv_heads)
+    free = set(range(nh))
+    groups: list[list[int]] = []
+    while free:
+        ids = sorted(free)
+        sub = cost[ids][:, ids] + torch.eye(len(ids), dtype=cost.dtype) * 1e30
+        a, b = divmod(int(sub.argmin()), len(ids))
+        group = [ids[a], ids[b]]
+        while len(group) < size:
+            rest = [h for h in ids if h not in group]
+            group.append(min(rest, key=lambda h: float(cost[h, group].sum())))
+        groups.append(group)
+        free -= set(group)
+
+    def within(g: list[int]) -> float:
+        return float(cost[g][:, g].sum()) / 2
+
+    for _ in range(max_swap_rounds):
+        improved = False
+        for gi in range(len(groups)):
+            for gj in range(gi + 1, len(groups)):
+                for x in list(groups[gi]):
+                    for y in list(groups[gj]):
+                        a = [h for h in groups[gi] if h != x] + [y]
+                        b = [h for h in groups[gj] if h != y] + [x]
+                        if within(a) + within(b) < within(groups[gi]) + within(groups[gj]) - 1e-12:
+                            groups[gi], groups[gj] = a, b
+                            improved = True
+                            break
+                    if improved:
+                        break
+        if not improved:
+            break
+    return sorted(sorted(g) for g in groups)

@@ -1,0 +1,289 @@
+"""`kvslim.convert(...)`: read a checkpoint layer by layer, convert its attention, write it out."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import AttentionAdapter, get_adapter
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, read_texts, token_windows
+from .errors import ConversionError
+from .gqa import METHODS, AttentionWeights, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
+from .sources import CheckpointSource, open_source
+from .writer import AtomicDirectory, ShardedWriter
+
+TARGETS = ("gqa", "mqa", "mha")
+RECORD_FILE = "kvslim_conversion.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ConversionRecord:
+    """What a conversion did; stored in config.json (key "kvslim") and kvslim_conversion.json."""
+
+    source: str
+    target: str
+    method: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    kv_heads_before: int
+    kv_heads_after: int
+    dtype: str
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    regrouped: bool = False
+    groups: list[list[list[int]]] | None = None
+    calibration: dict | None = None
+    refinement: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    kvslim_version: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ConversionError(f"Unknown dtype '{name}'; valid: auto, {', '.join(_DTYPES)}.") from None
+
+
+def resolve_kv_heads(to: str, kv_heads: int | None, num_heads: int) -> int:
+    if to not in TARGETS:
+        raise ConversionError(
+            f"Unknown target '--to {to}'; valid: {', '.join(TARGETS)} (MLA conversion is a separate target "
+            "that this version does not offer yet)."
+        )
+    if to == "mqa":
+        if kv_heads not in (None, 1):
+            raise ConversionError(f"--to mqa means 1 KV head; drop --kv-heads {kv_heads} or use --to gqa.")
+        return 1
+    if to == "mha":
+        if kv_heads not in (None, num_heads):
+            raise ConversionError(f"--to mha means {num_heads} KV heads (one per query head).")
+        return num_heads
+    if kv_heads is None:
+        raise ConversionError("--to gqa needs --kv-heads N (a divisor of the query heads).")
+    return kv_heads
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * num_layers * kv_heads * head_dim * element
+
+
+def convert(
+    source: str,
+    output: str | Path,
+    *,
+    to: str = "gqa",
+    kv_heads: int | None = None,
+    method: str = "aware",
+    calib_data: str | None = None,
+    calib_samples: int = 128,
+    calib_seq_len: int = 512,
+    regroup: bool | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    revision: str | None = None,
+    device: str = "cpu",
+    max_shard_bytes: int = 2 * 1024**3,
+    refine_steps: int = 0,
+    refine_lr: float = 1e-2,
+    progress: bool = True,
+) -> ConversionRecord:
+    """Convert `source` (Hub id, directory or .gguf) to `kv_heads` KV heads and save to `output`.
+
+    Returns the conversion record (also saved beside the weights). Raises ConversionError on bad
+    input, before anything is written.
+    """
+    started = time.perf_counter()
+    out = AtomicDirectory(output, overwrite)
+    out.check()
+    if method not in METHODS:
+        raise ConversionError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")
+    if calib_samples < 1 or calib_seq_len < 2:
+        raise ConversionError("--calib-samples must be >= 1 and --calib-seq-len >= 2.")
+    out_dtype = parse_dtype(dtype)
+    src = open_source(source, revision)
+    adapter = get_adapter(src.model_type)
+    layout = adapter.layout(src.config)
+    target_kv = resolve_kv_heads(to, kv_heads, layout.num_heads)
+    check_kv_heads(layout, target_kv)
+    _check_tensors(src, adapter, layout.num_layers)
+
+    merging = target_kv < layout.num_kv_heads
+    regroup = (method == "aware") if regroup is None else regroup
+    regroup = regroup and merging and 1 < target_kv
+    calibrate = method == "aware" and merging
+
+    first_attn = adapter.tensor_name(0, adapter.q_proj)
+    weight_dtype = out_dtype or src.reader.dtype(first_attn)
+    record = ConversionRecord(
+        source=source, target=to, method=method if merging else "replicate" if target_kv > layout.num_kv_heads else "identity",
+        architecture=src.model_type, num_layers=layout.num_layers, num_heads=layout.num_heads,
+        head_dim=layout.head_dim, kv_heads_before=layout.num_kv_heads, kv_heads_after=target_kv,
+        dtype=str(weight_dtype).removeprefix("torch."),
+        kv_bytes_per_token_before=kv_bytes_per_token(layout.num_layers, layout.num_kv_heads, layout.head_dim, weight_dtype),
+        kv_bytes_per_token_after=kv_bytes_per_token(layout.num_layers, target_kv, layout.head_dim, weight_dtype),
+        regrouped=regroup, kvslim_version=_version(),
+    )
+    if adapter.qk_norm and method == "aware" and merging:
+        record.notes.append(
+            "q/k-norm model: the per-head key folds are restricted to phases (rotations), which pass "
+            "the query RMSNorm exactly only when its weight is equal within each RoPE pair; otherwise "
+            "the fold is an approximation."
+        )
+
+    runner = target_layers = None
+    if calibrate:
+        spec = calib_data or DEFAULT_CALIB_DATASET
+        tokenizer = src.load_tokenizer()
+        texts = read_texts(spec)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples))
+        record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len,
+                              "tokens": int(ids.numel())}
+        runner = LayerwiseRunner(src, ids, device=device)
+        target_config = copy.deepcopy(src.config)
+        adapter.set_kv_heads(target_config, target_kv)
+        target_layers = _meta_layers(target_config)
+
+    with out as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        layer_prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
+        for name in src.reader.keys():
+            if not name.startswith(layer_prefixes):
+                writer.add(name, _cast(src.reader.get(name), out_dtype))
+        groups_log, refine_log = [], []
+        bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {target_kv} KV heads)",
+                   unit="layer", disable=not progress)
+        for i in bar:
+            weights = _read_attention(src, adapter, i)
+            cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
+            groups = None
+            if regroup:
+                groups = plan_groups(pairwise_merge_cost(weights, layout, cov, adapter.rope_layout), target_kv)
+                groups_log.append(groups)
+            new = convert_attention(weights, layout, target_kv, method if merging else "mean",
+                                    groups=groups, cov=cov, rope_layout=adapter.rope_layout)
+            converted = _attention_tensors(new, adapter, i)
+            if runner and refine_steps:
+                converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr)
+                refine_log.append(round(err, 6))
+            if runner:
+                runner.advance(i, target_layers[i], {k: v.float() for k, v in converted.items()})
+            prefix = adapter.prefix(i)
+            for name in src.layer_names(prefix):
+                tensor = converted.pop(name, None)
+                writer.add(name, _cast(tensor if tensor is not None else src.reader.get(name), out_dtype))
+            for name, tensor in converted.items():  # tensors the source lacked (none today)
+                writer.add(name, _cast(tensor, out_dtype))
+        record.groups = groups_log or None
+        if refine_log:
+            record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": refine_log}
+        writer.close()
+
+        config = copy.deepcopy(src.config)
+        adapter.set_kv_heads(config, target_kv)
+        if out_dtype is not None:
+            config.dtype = out_dtype
+        record.seconds = round(time.perf_counter() - started, 2)
+        config.kvslim = record.to_dict()
+        config.save_pretrained(str(tmp))
+        src.save_side_files(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
+    return record
+
+
+def _refine(runner, adapter, index, target_layer, converted, steps, lr):
+    from .refine import refine_attention
+
+    inputs, call = runner.attention_inputs(index, adapter.attention_module)
+    f32 = {k: v.float() for k, v in converted.items()}
+    with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
+        err = refine_attention(target.get_submodule(adapter.attention_module),
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr)
+        prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
+        fitted = {prefix + n: p.detach().clone()
+                  for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
+    dtype = next(iter(converted.values())).dtype
+    return {k: v.to(dtype) for k, v in fitted.items()}, err
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvslim")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def _meta_layers(config) -> list:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return list(base.layers)
+
+
+def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers: int) -> None:
+    keys = set(src.reader.keys())
+    for i in range(num_layers):
+        for module in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj):
+            name = adapter.tensor_name(i, module)
+            if name not in keys:
+                raise ConversionError(
+                    f"The checkpoint has no tensor '{name}': its weights do not match its config "
+                    f"(model_type '{src.model_type}')."
+                )
+
+
+def _read_attention(src: CheckpointSource, adapter: AttentionAdapter, layer: int) -> AttentionWeights:
+    keys = set(src.reader.keys())
+
+    def get(module: str, kind: str = "weight") -> torch.Tensor | None:
+        name = adapter.tensor_name(layer, module, kind)
+        return src.reader.get(name) if name in keys else None
+
+    q_norm = get(adapter.q_norm) if adapter.qk_norm else None
+    if q_norm is not None and adapter.qk_norm_offset:
+        q_norm = q_norm.float() + adapter.qk_norm_offset
+    return AttentionWeights(
+        q_w=get(adapter.q_proj), k_w=get(adapter.k_proj), v_w=get(adapter.v_proj), o_w=get(adapter.o_proj),
+        q_b=get(adapter.q_proj, "bias"), k_b=get(adapter.k_proj, "bias"), v_b=get(adapter.v_proj, "bias"),
+        q_norm=q_norm,
+    )
+
+
+def _attention_tensors(w: AttentionWeights, adapter: AttentionAdapter, layer: int) -> dict[str, torch.Tensor]:
+    out = {
+        adapter.tensor_name(layer, adapter.q_proj): w.q_w,
+        adapter.tensor_name(layer, adapter.k_proj): w.k_w,
+        adapter.tensor_name(layer, adapter.v_proj): w.v_w,
+        adapter.tensor_name(layer, adapter.o_proj): w.o_w,
+    }
+    for module, bias in ((adapter.q_proj, w.q_b), (adapter.k_proj, w.k_b), (adapter.v_proj, w.v_b)):
+        if bias is not None:
+            out[adapter.tensor_name(layer, module, "bias")] = bias
+    return out

@@ -1,0 +1,6 @@
+"""Running converted models: attention summaries (KV cache cost) and perplexity evaluation."""
+
+from .perplexity import PerplexityResult, evaluate_perplexity, load_causal_lm, perplexity
+from .summary import ModelSummary, describe, inspect
+
+__all__ = ["ModelSummary", "PerplexityResult", "describe", "evaluate_perplexity", "inspect", "load_causal_lm", "perplexity"]

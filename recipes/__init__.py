@@ -1,0 +1,1 @@
+"""Uptraining recipes (torchtune-style scripts + YAML configs) live here."""
