@@ -43,7 +43,6 @@ def gutenberg_spec(work: Path) -> dict:
 
 
 def smollm2_spec(work: Path) -> dict:
-    sys.path.insert(0, str(ROOT.parent))
     from kvslim.cli import fetch_demo_model
 
     gguf = fetch_demo_model(Path(os.environ.get("KVSLIM_CACHE", ROOT / "out" / ".cache")))
@@ -77,7 +76,7 @@ print("RESULT" + json.dumps({**r.to_dict(), "kv_bytes_per_token": describe(model
 
 
 def child(code: str, *args: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT.parent)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):

@@ -202,8 +202,8 @@ class LayerwiseRunner:
         finally:
             layer.to("meta")
 
-    def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(self.layer_kwargs[index])
+    def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor, call: dict | None = None) -> torch.Tensor:
+        kwargs = dict(self.layer_kwargs[index] if call is None else call)
         kwargs.pop("past_key_values", None)
         out = layer(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
@@ -257,10 +257,12 @@ class LayerwiseRunner:
         return inputs, call
 
     @torch.no_grad()
-    def advance(self, index: int, layer: nn.Module, overrides: dict[str, torch.Tensor]) -> None:
-        """Replace the hidden states by the output of `layer` (weights: checkpoint + overrides)."""
+    def advance(self, index: int, layer: nn.Module, overrides: dict[str, torch.Tensor],
+                call: dict | None = None) -> None:
+        """Replace the hidden states by the output of `layer` (weights: checkpoint + overrides;
+        `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
         with self.loaded_layer(index, layer, overrides) as loaded:
-            self.hidden = [self._call(loaded, index, h) for h in self.hidden]
+            self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
 
 
 def build_layer(config, index: int) -> nn.Module:

@@ -18,7 +18,7 @@ from .gqa import METHODS, AttentionWeights, check_kv_heads, convert_attention, p
 from .sources import CheckpointSource, open_source
 from .writer import AtomicDirectory, ShardedWriter
 
-TARGETS = ("gqa", "mqa", "mha")
+TARGETS = ("gqa", "mqa", "mha", "mla")
 RECORD_FILE = "kvslim_conversion.json"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -44,6 +44,7 @@ class ConversionRecord:
     groups: list[list[list[int]]] | None = None
     calibration: dict | None = None
     refinement: dict | None = None
+    mla: dict | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     kvslim_version: str = ""
@@ -64,9 +65,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def resolve_kv_heads(to: str, kv_heads: int | None, num_heads: int) -> int:
     if to not in TARGETS:
         raise ConversionError(
-            f"Unknown target '--to {to}'; valid: {', '.join(TARGETS)} (MLA conversion is a separate target "
-            "that this version does not offer yet)."
+            f"Unknown target '--to {to}'; valid: {', '.join(TARGETS)}."
         )
+    if to == "mla":
+        if kv_heads is not None:
+            raise ConversionError("--kv-heads does not apply to --to mla; use --kv-budget or --kv-rank/--rope-dim.")
+        return num_heads
     if to == "mqa":
         if kv_heads not in (None, 1):
             raise ConversionError(f"--to mqa means 1 KV head; drop --kv-heads {kv_heads} or use --to gqa.")
@@ -103,6 +107,11 @@ def convert(
     max_shard_bytes: int = 2 * 1024**3,
     refine_steps: int = 0,
     refine_lr: float = 1e-2,
+    kv_rank: int | None = None,
+    rope_dim: int | None = None,
+    kv_budget: float | None = None,
+    mla_init: str = "whitened",
+    rope_strategy: str = "rotate",
     progress: bool = True,
 ) -> ConversionRecord:
     """Convert `source` (Hub id, directory or .gguf) to `kv_heads` KV heads and save to `output`.
@@ -124,6 +133,12 @@ def convert(
     target_kv = resolve_kv_heads(to, kv_heads, layout.num_heads)
     check_kv_heads(layout, target_kv)
     _check_tensors(src, adapter, layout.num_layers)
+    if to == "mla":
+        return _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_shard_bytes,
+                               kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget, init=mla_init,
+                               rope_strategy=rope_strategy, calib_data=calib_data, calib_samples=calib_samples,
+                               calib_seq_len=calib_seq_len, refine_steps=refine_steps, refine_lr=refine_lr,
+                               device=device, progress=progress)
 
     merging = target_kv < layout.num_kv_heads
     regroup = (method == "aware") if regroup is None else regroup
@@ -209,14 +224,41 @@ def convert(
     return record
 
 
-def _refine(runner, adapter, index, target_layer, converted, steps, lr):
+def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_shard_bytes, **kwargs):
+    from .mla_pipeline import convert_mla
+
+    weight_dtype = out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj))
+    record = ConversionRecord(
+        source=source, target="mla", method="mla", architecture=src.model_type, num_layers=layout.num_layers,
+        num_heads=layout.num_heads, head_dim=layout.head_dim, kv_heads_before=layout.num_kv_heads,
+        kv_heads_after=1, dtype=str(weight_dtype).removeprefix("torch."),
+        kv_bytes_per_token_before=kv_bytes_per_token(layout.num_layers, layout.num_kv_heads, layout.head_dim, weight_dtype),
+        kv_bytes_per_token_after=0, kvslim_version=_version(),
+    )
+
+    def save(tmp, config):
+        record.seconds = round(time.perf_counter() - started, 2)
+        config.kvslim = record.to_dict()
+        config.save_pretrained(str(tmp))
+        src.save_side_files(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
+
+    convert_mla(src, adapter, layout, out, lambda tmp: ShardedWriter(tmp, max_shard_bytes), record,
+                out_dtype=out_dtype, started=started, save=save, **kwargs)
+    return record
+
+
+def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_position_embeddings=None,
+            frozen: tuple[str, ...] = ()):
     from .refine import refine_attention
 
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
+    target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
     f32 = {k: v.float() for k, v in converted.items()}
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
-                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr)
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
+                               target_call=target_call, frozen=frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().clone()
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}

@@ -20,28 +20,45 @@ def _attention_out(module: nn.Module, x: torch.Tensor, call: dict) -> torch.Tens
     return out[0] if isinstance(out, tuple) else out
 
 
+def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
+    """Select the same sequences from batched arguments (e.g. a per-sequence mask)."""
+    def pick(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch > 1:
+            return v[rows]
+        if isinstance(v, tuple):
+            return tuple(pick(x) for x in v)
+        return v
+    return {k: pick(v) for k, v in call.items()}
+
+
 def refine_attention(
     target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
-    steps: int = 200, lr: float = 1e-3, progress: bool = False,
+    steps: int = 200, lr: float = 1e-2, batch: int = 4, progress: bool = False,
+    target_call: dict | None = None, frozen: tuple[str, ...] = (),
 ) -> float:
     """Adam on the relative output error of `target` (trainable) against `source` (frozen).
 
     Returns the relative error after fitting, measured on all calibration batches.
+    `target_call` replaces `call` for the target when its arguments differ (MLA's own RoPE);
+    parameters whose names start with one of `frozen` keep their values.
     """
+    tcall = call if target_call is None else target_call
     with torch.no_grad():
         wanted = [_attention_out(source, x, call) for x in inputs]
     scale = sum(w.pow(2).mean() for w in wanted) / len(wanted)
-    params = [p for p in target.parameters()]
+    params = [p for n, p in target.named_parameters() if not n.startswith(frozen)]
     for p in params:
         p.requires_grad_(True)
     # Step sizes relative to each tensor's scale: biases, norms and projections differ by orders.
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-3))} for p in params]
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))
-    for step in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
-        b = int(order[step % len(inputs)])
-        loss = (_attention_out(target, inputs[b], call) - wanted[b]).pow(2).mean() / scale
+    gen = torch.Generator().manual_seed(0)
+    for _ in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
+        b = int(torch.randint(len(inputs), (), generator=gen))
+        rows = torch.randperm(inputs[b].shape[0], generator=gen)[:batch]
+        sub = _rows(tcall, rows, inputs[b].shape[0])
+        loss = (_attention_out(target, inputs[b][rows], sub) - wanted[b][rows]).pow(2).mean() / scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -49,5 +66,5 @@ def refine_attention(
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():
-        err = sum((_attention_out(target, x, call) - w).pow(2).mean() for x, w in zip(inputs, wanted))
+        err = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
     return float(err / len(inputs) / scale)

@@ -1,0 +1,290 @@
+"""MHA/GQA -> DeepSeek-style multi-head latent attention (MLA) for one layer.
+
+Target (Transformers' DeepseekV3Attention, q_lora_rank=None): per head i
+
+    score_i = scale * ( q_nope_i . k_nope_i  +  rope(q_rope_i) . rope(k_rope) )
+    [k_nope_i; v_i] = kv_b_proj_i( norm(c) ),   [c; k_rope] = kv_a_proj_with_mqa(x)
+
+so the cache per token and layer holds the latent c and one RoPE key shared by all heads.
+
+Source, per head i and RoPE frequency pair f (complex notation, q_if, k_if in C):
+
+    score_i = scale_src * sum_f Re( q_if conj(k_if) e^{i theta_f (m - n)} )
+
+The conversion, in three steps:
+
+1. **Shared RoPE key.** DeepseekV3's rotary embedding is a geometric sequence of frequencies,
+   so the kept source frequencies must be an arithmetic progression of pair indices
+   (f0, f0+s, ...): expressed exactly by `rope_theta = base^(s*dr/hd)` and linear scaling
+   `base^(2 f0/hd)`. At each kept frequency the heads' keys are concentrated into one shared key
+   (strategy ``rotate``: rank-1 complex PCA across heads, each head's complex scalar folded into
+   its q, since mixing heads at one frequency commutes with RoPE; strategy ``partial``:
+   MHA2MLA-style selection by query/key 2-norm and a plain energy-weighted mean, no folds).
+2. **NoPE remainder.** Whatever RoPE no longer carries (the residual of the rank-1 fit, and whole
+   frequencies that are not kept) goes into the un-rotated part, with the query scaled by
+   beta_f = E[cos(theta_f * distance)], the least-squares best constant stand-in for the
+   rotation it loses (1 for slow frequencies, 0 for fast ones).
+3. **Joint latent.** [K_nope; V] of all heads is one linear map of x, factored through rank r:
+   ``whitened`` (default) minimises the error of the scores (keys weighted by each head's query
+   covariance) and of the layer output (values weighted by each head's o_proj Gram) under the
+   calibration input covariance; ``pca`` is TransMLA's activation PCA with K/V norm balancing;
+   ``svd`` is MHA2MLA's weight-only SVD.
+
+``kv_a_layernorm`` RMS-normalises the latent per token, which would distort every key and value.
+kvslim adds one latent element holding a large constant ("anchor"), so the RMS is effectively a
+fixed number and the norm becomes an exact-to-~1e-6 rescale, undone by its weight. It costs one
+cache element per token and layer, counted in the budget. The same trick handles a query bias
+(Qwen2) through q_lora (q_a_proj -> q_a_layernorm -> q_b_proj) with a full-rank identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import AttentionLayout
+from .errors import ConversionError
+from .gqa import AttentionWeights, _augmented, _from_complex, _opt64, _sym_sqrt, _to_complex, _virtual_heads
+from .gqa import merge_keys_aware, pair_indices, query_energy
+
+INITS = ("whitened", "pca", "svd")
+ROPE_STRATEGIES = ("rotate", "partial")
+ANCHOR_SCALE = 1e3  # anchor value relative to the latent's RMS: distortion ~ 1 / (2 * 1e6)
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    kv_rank: int  # latent elements carrying information (the anchor adds one more)
+    rope_dim: int  # dims of the shared RoPE key (2 per kept frequency pair)
+
+    @property
+    def cache_elements(self) -> int:
+        return self.kv_rank + 1 + self.rope_dim
+
+
+def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int) -> None:
+    hd = layout.head_dim
+    if shape.rope_dim < 2 or shape.rope_dim % 2 or shape.rope_dim > hd:
+        raise ConversionError(
+            f"--rope-dim {shape.rope_dim} is invalid: it must be even, at least 2 and at most the "
+            f"head dim {hd} (one RoPE key shared by all heads)."
+        )
+    max_rank = min(2 * layout.num_heads * hd, hidden + 1)
+    if not 1 <= shape.kv_rank <= max_rank:
+        raise ConversionError(
+            f"--kv-rank {shape.kv_rank} is impossible for this model: the latent can have rank 1 to "
+            f"{max_rank} (min of 2 * heads * head_dim = {2 * layout.num_heads * hd} and hidden + 1 = {hidden + 1})."
+        )
+
+
+def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_dim: int | None = None) -> MLAShape:
+    """Largest latent whose cache (rank + anchor + RoPE dims) fits `budget` x the source's KV cache."""
+    source = 2 * layout.num_kv_heads * layout.head_dim
+    elements = int(math.floor(budget * source + 1e-9))
+    if rope_dim is None:
+        rope_dim = 2
+        while rope_dim * 2 <= min(layout.head_dim, elements // 4):
+            rope_dim *= 2
+    minimum = rope_dim + 2
+    if elements < minimum:
+        raise ConversionError(
+            f"--kv-budget {budget:g} leaves {elements} cache elements per token and layer; MLA needs at "
+            f"least {minimum} (RoPE dims {rope_dim} + latent rank 1 + anchor 1), i.e. a budget >= "
+            f"{minimum / source:.4f} of the source's {source}."
+        )
+    rank = min(elements - 1 - rope_dim, 2 * layout.num_heads * layout.head_dim, hidden + 1)
+    return MLAShape(rank, rope_dim)
+
+
+def rope_progression(score: torch.Tensor, pairs: int) -> tuple[int, int]:
+    """Arithmetic progression (start, stride) of `pairs` frequency indices maximising `score`."""
+    n = score.shape[0]
+    best, arg = -math.inf, (0, 1)
+    for stride in range(1, n + 1):
+        for start in range(0, n - (pairs - 1) * stride):
+            total = float(score[start: start + (pairs - 1) * stride + 1: stride].sum())
+            if total > best:
+                best, arg = total, (start, stride)
+    return arg
+
+
+def rotation_keep_factor(theta: torch.Tensor, context: int) -> torch.Tensor:
+    """beta_f = E[cos(theta_f * d)] for distances d uniform on [0, context)."""
+    x = theta.double() * context
+    return torch.where(x < 1e-8, torch.ones_like(x), torch.sin(x) / x.clamp(min=1e-30))
+
+
+@dataclass
+class MLALayer:
+    """DeepseekV3 attention tensors of one layer (nn.Linear layout)."""
+
+    q_proj: torch.Tensor | None
+    q_a_proj: tuple[torch.Tensor, torch.Tensor] | None  # (weight, bias), query-bias models only
+    q_a_norm: torch.Tensor | None
+    q_b_proj: torch.Tensor | None
+    kv_a_proj: torch.Tensor
+    kv_a_bias: torch.Tensor
+    kv_a_norm: torch.Tensor
+    kv_b_proj: torch.Tensor
+    o_proj: torch.Tensor
+    o_bias: torch.Tensor
+    rope_start: int
+    rope_stride: int
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{prefix}kv_a_proj_with_mqa.weight": self.kv_a_proj, f"{prefix}kv_a_proj_with_mqa.bias": self.kv_a_bias,
+            f"{prefix}kv_a_layernorm.weight": self.kv_a_norm, f"{prefix}kv_b_proj.weight": self.kv_b_proj,
+            f"{prefix}o_proj.weight": self.o_proj, f"{prefix}o_proj.bias": self.o_bias,
+        }
+        if self.q_proj is not None:
+            out[f"{prefix}q_proj.weight"] = self.q_proj
+        else:
+            out[f"{prefix}q_a_proj.weight"], out[f"{prefix}q_a_proj.bias"] = self.q_a_proj
+            out[f"{prefix}q_a_layernorm.weight"] = self.q_a_norm
+            out[f"{prefix}q_b_proj.weight"] = self.q_b_proj
+        return out
+
+
+def _anchor(rows: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
+    """(anchor value, norm weight) so RMSNorm([y, anchor]) * weight ~ y for y = rows @ [x, 1]."""
+    energy = float(torch.einsum("kd,de,ke->", rows, cov, rows)) / max(rows.shape[0], 1)
+    n = rows.shape[0] + 1
+    anchor = ANCHOR_SCALE * math.sqrt(max(energy, 1e-12) * n)
+    return anchor, anchor / math.sqrt(n)
+
+
+def convert_attention_mla(
+    weights: AttentionWeights,
+    layout: AttentionLayout,
+    shape: MLAShape,
+    theta: torch.Tensor,
+    *,
+    cov: torch.Tensor | None = None,
+    init: str = "whitened",
+    rope_strategy: str = "rotate",
+    context: int = 512,
+    source_scaling: float | None = None,
+    rope_layout: str = "half",
+    rope_window: tuple[int, int] | None = None,
+) -> MLALayer:
+    """One layer's MLA tensors. `theta` holds the source's RoPE frequency per pair (hd/2,)."""
+    if init not in INITS:
+        raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
+    if rope_strategy not in ROPE_STRATEGIES:
+        raise ConversionError(f"Unknown RoPE strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
+    nh, hd = layout.num_heads, layout.head_dim
+    d = weights.q_w.shape[1]
+    check_shape(shape, layout, d)
+    f64 = torch.float64
+    D = d + 1
+    cov = torch.eye(D, dtype=f64) if cov is None else cov.to(f64)
+    re, im = pair_indices(hd, rope_layout)
+    F, P = hd // 2, shape.rope_dim // 2
+
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, D)
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)  # (nh, d_out, hd)
+    qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
+    energy_q = query_energy(q, cov, re, im, None)  # (nh, F)
+    energy_k = query_energy(k, cov, re, im, None)
+    beta = rotation_keep_factor(theta, context)  # (F,)
+
+    # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
+    shared, folds = merge_keys_aware(kc, energy_q, cov, phase_only=False)  # per frequency, over all heads
+    if rope_strategy == "rotate":
+        fitted = folds.T[:, :, None] * shared[:, None, :]  # (F, nh, D): a_if k_g,f
+        resid = kc - fitted.transpose(0, 1)
+        resid_energy = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
+        # error if f is not kept: the whole key goes un-rotated; if kept: only the residual does
+        gain = (1 - beta**2) * (energy_q * (energy_k - resid_energy)).sum(0)
+    else:  # MHA2MLA: 2-norm of query and key, no concentration across heads
+        gain = (energy_q.sqrt() * energy_k.sqrt()).sum(0)
+        w = energy_q.T  # (F, nh)
+        shared = torch.einsum("fh,hfd->fd", w.to(kc.dtype), kc) / w.sum(1, keepdim=True).clamp(min=1e-30)
+        folds = torch.ones(nh, F, dtype=kc.dtype)
+        fitted = shared[:, None, :].expand(F, nh, D)
+        resid = kc - fitted.transpose(0, 1)
+    start, stride = rope_window or rope_progression(gain, P)
+    kept = torch.arange(start, start + P * stride, stride)
+    is_kept = torch.zeros(F, dtype=torch.bool)
+    is_kept[kept] = True
+
+    # 2. NoPE part of every head: residual at kept frequencies, whole key elsewhere (complex (nh, F, D))
+    k_nope_c = torch.where(is_kept[None, :, None], resid, kc)
+    q_nope_c = qc * beta[None, :, None]
+    k_nope = _from_complex(k_nope_c, re, im, hd)  # (nh, hd, D)
+    q_nope = _from_complex(q_nope_c, re, im, hd)
+    q_rope_c = (qc * folds.conj()[:, :, None])[:, kept]  # (nh, P, D)
+    k_rope_c = shared[kept]  # (P, D)
+
+    # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
+    stack = torch.cat([k_nope.reshape(nh * hd, D), v.reshape(nh * hd, D)])  # (2 nh hd, D)
+    if init == "svd":
+        weight_rows = torch.eye(2 * nh * hd, dtype=f64)
+        basis_cov = torch.eye(D, dtype=f64)
+    else:
+        basis_cov = cov
+        if init == "whitened":
+            blocks = [_sym_sqrt(qn @ cov @ qn.T)[0] for qn in q_nope] + [_sym_sqrt(oi.T @ oi)[0] for oi in o]
+        else:  # pca: plain activations, keys rescaled to the values' total energy
+            blocks = [torch.eye(hd, dtype=f64)] * (2 * nh)
+        weight_rows = torch.block_diag(*blocks)
+        k_part, v_part = weight_rows[: nh * hd], weight_rows[nh * hd:]
+        ek = torch.einsum("rd,de,re->", k_part @ stack, cov, k_part @ stack)
+        ev = torch.einsum("rd,de,re->", v_part @ stack, cov, v_part @ stack)
+        # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
+        weight_rows[: nh * hd] *= (ev / ek.clamp(min=1e-12 * ev)).sqrt()
+    weighted = weight_rows @ stack  # (2 nh hd, D)
+    _, vecs = torch.linalg.eigh(weighted @ basis_cov @ weighted.T)
+    top = vecs[:, -shape.kv_rank:].flip(-1)  # (2 nh hd, r)
+    down = top.T @ weighted  # latent c = down @ [x, 1]   (r, D)
+    up = torch.linalg.pinv(weight_rows) @ top  # stack ~ up @ down   (2 nh hd, r)
+
+    # latent norm: anchor element keeps the per-token RMS constant
+    anchor, norm_w = _anchor(down, cov)
+    kv_a = torch.cat([down, torch.zeros(1, D, dtype=f64), _from_complex(k_rope_c[None], *_interleaved(2 * P), 2 * P)[0]])
+    kv_a[shape.kv_rank, d] = anchor
+    kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
+    kv_norm[shape.kv_rank] = 1.0
+    up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
+    kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, -1), up[nh * hd:].reshape(nh, hd, -1)], dim=1)  # (nh, 2hd, r+1)
+
+    # queries: [q_nope (hd) ; q_rope (2P, interleaved)] per head, rescaled to the source temperature
+    scale_src = source_scaling if source_scaling is not None else hd**-0.5
+    temperature = scale_src / (hd + 2 * P) ** -0.5
+    q_rope = _from_complex(q_rope_c, *_interleaved(2 * P), 2 * P)  # (nh, 2P, D)
+    q_full = torch.cat([q_nope, q_rope], dim=1) * temperature  # (nh, hd + 2P, D)
+    q_full = q_full.reshape(nh * (hd + 2 * P), D)
+
+    out_dtype = weights.q_w.dtype
+
+    def cast(t):
+        return t.to(out_dtype).contiguous()
+
+    o_bias = torch.zeros(o.shape[1], dtype=f64)
+    if weights.q_b is None:
+        q_proj, q_a, q_a_norm, q_b = cast(q_full[:, :d]), None, None, None
+    else:  # query bias: q = q_b_proj(norm([x, anchor])) with an identity q_a_proj
+        q_anchor, q_norm_w = _anchor(torch.eye(d, D, dtype=f64), cov)
+        q_a_w = torch.cat([torch.eye(d, dtype=f64), torch.zeros(1, d, dtype=f64)])
+        q_a_b = torch.zeros(d + 1, dtype=f64)
+        q_a_b[d] = q_anchor
+        q_a_norm_w = torch.full((d + 1,), q_norm_w, dtype=f64)
+        q_a_norm_w[d] = 1.0
+        # norm([x, anchor]) ~ [x, anchor / q_norm_w]: the last input carries the bias
+        q_b_w = torch.cat([q_full[:, :d], q_full[:, d:] * q_norm_w / q_anchor], dim=1)
+        q_proj, q_a, q_a_norm, q_b = None, (cast(q_a_w), cast(q_a_b)), cast(q_a_norm_w), cast(q_b_w)
+    return MLALayer(
+        q_proj=q_proj, q_a_proj=q_a, q_a_norm=q_a_norm, q_b_proj=q_b,
+        kv_a_proj=cast(kv_a[:, :d]), kv_a_bias=cast(kv_a[:, d]), kv_a_norm=cast(kv_norm),
+        kv_b_proj=cast(kv_b.reshape(nh * 2 * hd, -1)), o_proj=cast(weights.o_w), o_bias=cast(o_bias),
+        rope_start=int(start), rope_stride=int(stride),
+    )
+
+
+def _interleaved(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pair_indices(dim, "interleaved")

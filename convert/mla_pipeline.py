@@ -1,0 +1,213 @@
+"""`kvslim.convert(..., to="mla")`: Llama-family checkpoint -> DeepseekV3ForCausalLM checkpoint.
+
+The output loads with plain `AutoModelForCausalLM.from_pretrained` (model_type deepseek_v3,
+q_lora_rank None unless the source has a query bias, dense MLP in every layer, no MoE).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import AttentionAdapter, text_config
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, read_texts, token_windows
+from .errors import ConversionError
+from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_shape, convert_attention_mla, rope_progression, shape_for_budget
+from .mla import rotation_keep_factor
+from .sources import CheckpointSource
+
+# Source architectures whose non-attention blocks DeepseekV3 reproduces exactly (SwiGLU MLP,
+# RMSNorm with weight, plain embeddings) and that have no per-head q/k norm.
+MLA_SOURCES = ("llama", "mistral", "qwen2")
+# Tensors that implement the latent-norm anchors: the refinement leaves them alone.
+ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_proj")
+
+
+def source_frequencies(config) -> torch.Tensor:
+    text = text_config(config)
+    rope = getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(
+            f"MLA conversion supports plain RoPE; this model uses rope_type '{rope.get('rope_type')}', whose "
+            "frequencies DeepseekV3's rotary embedding cannot reproduce."
+        )
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 1.0 / (rope["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+
+
+def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], query_bias: bool):
+    """DeepseekV3Config reproducing the source's shape with an MLA attention."""
+    from transformers import DeepseekV3Config
+
+    text = text_config(source_config)
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    start, stride = window
+    base = text.rope_parameters["rope_theta"]
+    rope_theta = base ** (stride * shape.rope_dim / hd)
+    factor = base ** (2 * start / hd)
+    rope = {"rope_type": "default", "rope_theta": rope_theta} if start == 0 else \
+        {"rope_type": "linear", "rope_theta": rope_theta, "factor": factor}
+    return DeepseekV3Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        moe_intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_attention_heads,
+        n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=text.num_hidden_layers,  # dense MLP everywhere: no MoE layer is built
+        kv_lora_rank=shape.kv_rank + 1, q_lora_rank=(text.hidden_size + 1) if query_bias else None,
+        qk_rope_head_dim=shape.rope_dim, qk_nope_head_dim=hd, v_head_dim=hd,
+        hidden_act=text.hidden_act, max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps, rope_parameters=rope, rope_interleave=True, attention_bias=True,
+        attention_dropout=getattr(text, "attention_dropout", 0.0), tie_word_embeddings=text.tie_word_embeddings,
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=getattr(text, "pad_token_id", None),
+        initializer_range=getattr(text, "initializer_range", 0.02),
+    )
+
+
+def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
+                kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
+                refine_steps, refine_lr, out_dtype, device, progress, started, save):
+    from .pipeline import _attention_tensors, _cast, _read_attention, _refine
+
+    if src.model_type not in MLA_SOURCES:
+        raise ConversionError(
+            f"MLA conversion of '{src.model_type}' is not supported; supported sources: {', '.join(MLA_SOURCES)} "
+            "(their SwiGLU MLP and RMSNorm map onto DeepseekV3 exactly)."
+        )
+    if init not in INITS:
+        raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
+    if rope_strategy not in ROPE_STRATEGIES:
+        raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
+    hidden = layout.hidden_size
+    if kv_budget is not None:
+        if kv_rank is not None:
+            raise ConversionError("Give either --kv-budget or --kv-rank (with --rope-dim), not both.")
+        if not 0 < kv_budget <= 1:
+            raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
+        shape = shape_for_budget(kv_budget, layout, hidden, rope_dim)
+    elif kv_rank is not None:
+        shape = MLAShape(kv_rank, rope_dim if rope_dim is not None else min(layout.head_dim, 64))
+    else:
+        raise ConversionError("--to mla needs --kv-budget F, or --kv-rank R [--rope-dim D].")
+    check_shape(shape, layout, hidden)
+    theta = source_frequencies(src.config)
+    query_bias = adapter.tensor_name(0, adapter.q_proj, "bias") in set(src.reader.keys())
+
+    spec = calib_data or DEFAULT_CALIB_DATASET
+    tokenizer = src.load_tokenizer()
+    ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len,
+                        getattr(tokenizer, "bos_token_id", None), min_num=min(8, calib_samples))
+    record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
+    runner = LayerwiseRunner(src, ids, device=device)
+
+    # Pass 1 (source stream): choose one RoPE frequency progression for all layers, because
+    # DeepseekV3 has a single rotary embedding.
+    gains = torch.zeros(layout.head_dim // 2, dtype=torch.float64)
+    source_layers = list(runner.layers)
+    probe = copy.copy(runner)
+    probe.hidden = list(runner.hidden)
+    for i in tqdm(range(layout.num_layers), desc="MLA: choosing RoPE frequencies", unit="layer", disable=not progress):
+        cov = probe.attention_input_moment(i, adapter.attention_module)
+        gains += _frequency_gain(_read_attention(src, adapter, i), layout, theta, cov, rope_strategy, calib_seq_len,
+                                 adapter.rope_layout)
+        probe.advance(i, source_layers[i], {})
+    del probe
+    window = rope_progression(gains, shape.rope_dim // 2)
+
+    config = deepseek_config(src.config, shape, window, query_bias)
+    if out_dtype is not None:
+        config.dtype = out_dtype
+    target_layers, rotary = _meta_target(config, device)
+    record.mla = {"kv_rank": shape.kv_rank, "latent_anchor": 1, "rope_dim": shape.rope_dim,
+                  "cache_elements_per_layer": shape.cache_elements, "init": init, "rope_strategy": rope_strategy,
+                  "rope_frequencies": {"start": window[0], "stride": window[1]}, "context_for_beta": calib_seq_len,
+                  "query_bias_via_q_lora": query_bias}
+    element = torch.tensor([], dtype=out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj))).element_size()
+    record.kv_bytes_per_token_after = layout.num_layers * shape.cache_elements * element
+
+    scaling = layout.head_dim ** -0.5
+    with out as tmp:
+        writer = writer_factory(tmp)
+        prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
+        for name in src.reader.keys():
+            if not name.startswith(prefixes):
+                writer.add(name, _cast(src.reader.get(name), out_dtype))
+        errors = []
+        for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {shape.kv_rank}, rope {shape.rope_dim})",
+                      unit="layer", disable=not progress):
+            weights = _read_attention(src, adapter, i)
+            cov = runner.attention_input_moment(i, adapter.attention_module)
+            layer = convert_attention_mla(weights, layout, shape, theta, cov=cov, init=init, rope_strategy=rope_strategy,
+                                          context=calib_seq_len, source_scaling=scaling, rope_layout=adapter.rope_layout,
+                                          rope_window=window)
+            attn_prefix = f"{adapter.prefix(i)}{adapter.attention_module}."
+            converted = layer.tensors(attn_prefix)
+            call = _target_call(runner, i, rotary)
+            if refine_steps:
+                converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr,
+                                         target_position_embeddings=call["position_embeddings"],
+                                         frozen=ANCHORED)
+                errors.append(round(err, 6))
+            runner.advance(i, target_layers[i], {k: v.float() for k, v in converted.items()}, call=call)
+            source_attn = set(_attention_tensors(weights, adapter, i))
+            for name in src.layer_names(adapter.prefix(i)):
+                if name not in source_attn and not name.startswith(attn_prefix):
+                    writer.add(name, _cast(src.reader.get(name), out_dtype))
+            for name, tensor in converted.items():
+                writer.add(name, _cast(tensor, out_dtype))
+        if errors:
+            record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": errors}
+        writer.close()
+        save(tmp, config)
+
+
+def _frequency_gain(weights, layout, theta, cov, strategy, context, rope_layout) -> torch.Tensor:
+    """Per-frequency benefit of keeping a pair under RoPE (same criterion the layer conversion uses)."""
+    from .gqa import _augmented, _from_complex, _opt64, _to_complex, _virtual_heads, merge_keys_aware, pair_indices
+    from .gqa import query_energy
+
+    hd, nh = layout.head_dim, layout.num_heads
+    d = weights.q_w.shape[1]
+    f64 = torch.float64
+    re, im = pair_indices(hd, rope_layout)
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    eq, ek = query_energy(q, cov, re, im, None), query_energy(k, cov, re, im, None)
+    if strategy == "partial":
+        return (eq.sqrt() * ek.sqrt()).sum(0)
+    kc = _to_complex(k, re, im)
+    shared, folds = merge_keys_aware(kc, eq, cov, phase_only=False)
+    resid = kc - folds[:, :, None] * shared[None]
+    er = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
+    beta = rotation_keep_factor(theta, context)
+    gain = (1 - beta**2) * (eq * (ek - er)).sum(0)
+    return gain / gain.sum().clamp(min=1e-30)
+
+
+def _meta_target(config, device):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    rotary = model.model.rotary_emb.to(device)
+    return list(model.model.layers), rotary
+
+
+def _target_call(runner, index: int, rotary) -> dict:
+    """The source layer's arguments with DeepseekV3's own rotary embeddings."""
+    call = dict(runner.layer_kwargs[index])
+    hidden = runner.hidden[0]
+    positions = call.get("position_ids")
+    if positions is None:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    with torch.no_grad():
+        call["position_embeddings"] = rotary(hidden, positions)
+    return call
+
+
+def mla_kv_bytes(num_layers: int, shape: MLAShape, dtype: torch.dtype) -> int:
+    return num_layers * shape.cache_elements * torch.tensor([], dtype=dtype).element_size()
+
+
