@@ -51,7 +51,7 @@ def _human(n: float) -> str:
 def convert(
     source: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
-    to: str = typer.Option("gqa", "--to", help="Target attention: gqa, mqa or mha."),
+    to: str = typer.Option("gqa", "--to", help="Target attention: gqa, mqa, mha or mla."),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for --to gqa (divides the query heads)."),
     method: str = typer.Option("aware", "--method", help="aware (activation-aware, default) or mean (GQA paper)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Text/JSONL/parquet file or directory, or a datasets id name[:config[:split]]."),
@@ -59,13 +59,18 @@ def convert(
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
     refine_steps: int = typer.Option(100, "--refine-steps", help="Layer-local output-matching steps after the closed-form aware merge (0: closed form only)."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
+    kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
+    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
+    mla_init: str = typer.Option("whitened", "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
+    rope_strategy: str = typer.Option("rotate", "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (as the source), float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration (cpu, cuda)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
 ) -> None:
-    """Convert a checkpoint's attention to GQA / MQA (merging KV heads) or back to MHA."""
+    """Convert a checkpoint's attention to GQA / MQA (merging KV heads), MLA (DeepseekV3), or back to MHA."""
     from .convert import ConversionError
     from .convert import convert as run
 
@@ -74,14 +79,17 @@ def convert(
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
                      refine_steps=refine_steps if method == "aware" else 0, dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
-                     max_shard_bytes=_parse_size(max_shard_size))
+                     max_shard_bytes=_parse_size(max_shard_size), kv_budget=kv_budget, kv_rank=kv_rank,
+                     rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy)
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
+    shape = (f"MLA latent rank {record.mla['kv_rank']} (+1 anchor) + RoPE key {record.mla['rope_dim']} "
+             f"({record.mla['init']}, {record.mla['rope_strategy']})" if record.mla else
+             f"KV heads {record.kv_heads_before} -> {record.kv_heads_after} ({record.method})")
     typer.echo(
         f"Converted {source} -> {output}\n"
-        f"  {record.architecture}: {record.num_heads} query heads, KV heads {record.kv_heads_before} -> "
-        f"{record.kv_heads_after} ({record.method})\n"
+        f"  {record.architecture}: {record.num_heads} query heads, {shape}\n"
         f"  KV cache per token: {_human(before)} -> {_human(after)} ({after / before:.2%})\n"
         f"  took {record.seconds:.1f}s"
     )

@@ -67,32 +67,39 @@ def test_gqa_to_mha_is_exact_and_back_with_mean(model_type):
 
 
 def disguise(model, seed: int = 1):
-    """Give every query head's KV copy a different but foldable transform (exact, logits unchanged):
-    K by a complex scalar per RoPE frequency (inverse folded into q), V by an invertible map (inverse
-    folded into o_proj). Mean-pooling cannot undo this; the aware merge must."""
+    """Give every KV head a different but foldable transform (exact, logits unchanged): K by a
+    complex scalar per RoPE frequency (inverse folded into its query heads), V by an invertible map
+    (inverse folded into its query heads' o_proj columns). Mean-pooling cannot undo this; the aware
+    merge must."""
     g = torch.Generator().manual_seed(seed)
     layout = get_adapter(model.config.model_type).layout(model.config)
-    assert layout.num_kv_heads == layout.num_heads
-    hd, nh = layout.head_dim, layout.num_heads
+    hd, nh, kv = layout.head_dim, layout.num_heads, layout.num_kv_heads
     re, im = pair_indices(hd, "half")
+
+    def scale_rows(proj, rows, factor):
+        for t in [proj.weight] + ([proj.bias] if proj.bias is not None else []):
+            blk = t[rows]
+            z = torch.complex(blk[re], blk[im])
+            z = z * (factor[:, None] if z.dim() == 2 else factor)
+            blk[re], blk[im] = z.real, z.imag
+            t[rows] = blk
+
     with torch.no_grad():
         for layer in model.model.layers:
             a = layer.self_attn
-            for h in range(nh):
+            for h in range(kv):
                 rows = slice(h * hd, (h + 1) * hd)
+                queries = [slice(i * hd, (i + 1) * hd) for i in range(h * nh // kv, (h + 1) * nh // kv)]
                 c = torch.polar(0.5 + torch.rand(hd // 2, generator=g), 6.28 * torch.rand(hd // 2, generator=g))
-                for proj, factor in ((a.k_proj, c), (a.q_proj, (1 / c).conj())):
-                    for t in [proj.weight] + ([proj.bias] if proj.bias is not None else []):
-                        blk = t[rows]
-                        z = torch.complex(blk[re], blk[im])
-                        z = z * (factor[:, None] if z.dim() == 2 else factor)
-                        blk[re], blk[im] = z.real, z.imag
-                        t[rows] = blk
+                scale_rows(a.k_proj, rows, c)
+                for q_rows in queries:
+                    scale_rows(a.q_proj, q_rows, (1 / c).conj())
                 m = torch.eye(hd) + 0.3 * torch.randn(hd, hd, generator=g)
                 a.v_proj.weight[rows] = m.T @ a.v_proj.weight[rows]
                 if a.v_proj.bias is not None:
                     a.v_proj.bias[rows] = m.T @ a.v_proj.bias[rows]
-                a.o_proj.weight[:, rows] = a.o_proj.weight[:, rows] @ torch.linalg.inv(m).T
+                for q_rows in queries:
+                    a.o_proj.weight[:, q_rows] = a.o_proj.weight[:, q_rows] @ torch.linalg.inv(m).T
     return model
 
 

@@ -1,0 +1,135 @@
+"""MLA conversion: exactness at full rank, DeepseekV3 export, latent-only cache, budgets, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load, logits, make_model
+from test_gqa_math import IDS, convert_in_memory, disguise
+from typer.testing import CliRunner
+
+import kvslim
+from kvslim.cli import app
+from kvslim.convert import ConversionError, get_adapter
+from kvslim.convert.mla import MLAShape, shape_for_budget
+
+CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)
+
+
+def rank1_keys_model(model_type: str, kv_heads: int, seed: int = 0):
+    """A model with `kv_heads` genuinely different KV heads whose RoPE keys are rank-1 per frequency
+    across heads (a disguised MQA model): the only kind of multi-head key DeepseekV3's single
+    shared RoPE key can reproduce exactly."""
+    mqa = make_model(model_type, 8, 1, seed=seed)
+    return mqa, disguise(convert_in_memory(mqa, kv_heads, "mean"), seed=seed + 1)
+
+
+@pytest.mark.parametrize("model_type,kv_heads", [("llama", 8), ("llama", 1), ("qwen2", 4), ("qwen2", 8)])
+def test_full_rank_all_rope_dims_reproduces_source(model_type, kv_heads, save_model, tmp_path, text_file):
+    mqa, model = rank1_keys_model(model_type, kv_heads)
+    torch.testing.assert_close(logits(model, IDS), logits(mqa, IDS), rtol=0, atol=1e-4)
+    src = save_model(model)
+    record = kvslim.convert(str(src), tmp_path / "mla", to="mla", kv_rank=65, rope_dim=16,
+                            calib_data=str(text_file), **CALIB)
+    out = load(tmp_path / "mla")  # plain Transformers: a DeepseekV3 checkpoint, no kvslim import
+    assert type(out).__name__ == "DeepseekV3ForCausalLM"
+    assert out.config.q_lora_rank == (65 if model_type == "qwen2" else None)  # query bias via q_lora
+    torch.testing.assert_close(logits(out, IDS), logits(model, IDS), rtol=0, atol=2e-4)
+    assert record.mla["rope_frequencies"] == {"start": 0, "stride": 1}
+
+
+def test_generate_and_cache_holds_only_latent_and_rope_key(save_model, tmp_path, text_file):
+    from transformers import DynamicCache
+
+    src = save_model(make_model("llama", 8, 8))
+    record = kvslim.convert(str(src), tmp_path / "mla", to="mla", kv_budget=0.25, calib_data=str(text_file), **CALIB)
+    out = load(tmp_path / "mla")
+    shape = MLAShape(record.mla["kv_rank"], record.mla["rope_dim"])
+    assert shape.cache_elements <= 0.25 * 2 * 8 * 16
+    cache = DynamicCache(config=out.config)
+    with torch.no_grad():
+        out(input_ids=IDS, past_key_values=cache, use_cache=True)
+    per_token = 0
+    for layer in cache.layers:
+        latent, rope_key = layer.keys, layer.values
+        assert latent.shape == (2, 1, IDS.shape[1], shape.kv_rank + 1)
+        assert rope_key.shape == (2, 1, IDS.shape[1], shape.rope_dim)
+        per_token += (latent[0, 0, 0].numel() + rope_key[0, 0, 0].numel()) * latent.element_size()
+    assert per_token == record.kv_bytes_per_token_after
+    info = kvslim.inspect(str(tmp_path / "mla"))
+    assert info.attention == "MLA" and info.kv_bytes_per_token == record.kv_bytes_per_token_after
+    generated = out.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
+    with torch.no_grad():  # greedy decoding with the cache equals recomputing from scratch
+        ids = IDS[:1, :5]
+        for _ in range(6):
+            ids = torch.cat([ids, out(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_budget_arithmetic():
+    layout = get_adapter("llama").layout(make_model("llama", 8, 8).config)
+    source = 2 * 8 * 16
+    for budget in (0.5, 0.25, 0.125, 0.0625):
+        shape = shape_for_budget(budget, layout, 64)
+        assert shape.cache_elements <= budget * source
+        assert shape.rope_dim % 2 == 0 and shape.rope_dim <= 16 and shape.kv_rank >= 1
+    assert shape_for_budget(0.5, layout, 64, rope_dim=8) == MLAShape(min(128 - 9, 65), 8)
+    with pytest.raises(ConversionError, match="needs at least"):
+        shape_for_budget(0.01, layout, 64)
+
+
+def test_default_init_beats_baselines_on_calibration(save_model, tmp_path, text_file):
+    from kvslim.modeling.perplexity import load_causal_lm, tokenize_corpus
+
+    model = make_model("llama", 8, 8, seed=4)
+    src = save_model(model)
+    _, tok = load_causal_lm(str(src))
+    ids = torch.tensor(tokenize_corpus([text_file.read_text()], tok, 4 * 32)).view(4, 32)
+    ref = logits(model, ids)
+    err = {}
+    for init in ("whitened", "svd"):
+        kvslim.convert(str(src), tmp_path / init, to="mla", kv_budget=0.25, mla_init=init,
+                       calib_data=str(text_file), **CALIB)
+        err[init] = float((logits(load(tmp_path / init), ids) - ref).pow(2).mean())
+    assert err["whitened"] < err["svd"], err
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv-rank", "999", "--rope-dim", "8"], "latent can have rank 1 to 65"),
+    (["--kv-rank", "16", "--rope-dim", "7"], "must be even"),
+    (["--kv-rank", "16", "--rope-dim", "32"], "at most the head dim 16"),
+    (["--kv-budget", "0.01"], "needs at least"),
+    (["--kv-budget", "0.25", "--kv-rank", "8"], "not both"),
+    ([], "needs --kv-budget"),
+    (["--kv-budget", "0.25", "--mla-init", "magic"], "valid: whitened, pca, svd"),
+])
+def test_bad_mla_arguments(args, message, save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", 8, 8))
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mla", "--calib-data", text_file, "--calib-samples", "8",
+            "--calib-seq-len", "32", *args)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "kvslim-" in p.name]
+
+
+def test_unsupported_mla_source(save_model, tmp_path, text_file):
+    src = save_model(make_model("qwen3", 8, 4))
+    r = run("convert", src, "-o", tmp_path / "out", "--to", "mla", "--kv-budget", "0.25", "--calib-data", text_file)
+    assert r.exit_code == 2 and "supported sources: llama, mistral, qwen2" in r.output
+
+
+def test_cli_mla_end_to_end(save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", 8, 4))
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mla", "--kv-budget", "0.5", "--calib-data", text_file,
+            "--calib-samples", "8", "--calib-seq-len", "32", "--refine-steps", "5")
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "kvslim_conversion.json").read_text())
+    assert record["target"] == "mla" and record["refinement"]["steps"] == 5
+    assert "MLA" in run("inspect", out).output
