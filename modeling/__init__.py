@@ -4,3 +4,6 @@ from .perplexity import PerplexityResult, evaluate_perplexity, load_causal_lm, p
 from .summary import ModelSummary, describe, inspect
 
 __all__ = ["ModelSummary", "PerplexityResult", "describe", "evaluate_perplexity", "inspect", "load_causal_lm", "perplexity"]
+from .mmca import MMCACache, SimpleMMCA  # noqa: E402
+
+__all__ += ["MMCACache", "SimpleMMCA"]

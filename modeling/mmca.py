@@ -1,0 +1,223 @@
+"""Multi-modal causal attention with grouped-query heads (MMCA-GQA).
+
+Following DeepSpeed-VisualChat's multi-modal causal attention:
+
+* visual tokens attend bidirectionally among themselves (``visual_attention="bidirectional"``) or
+  only to themselves (``"none"``, no mixing across image tokens); they never see text;
+* text token i attends causally to text tokens j <= i, and to every (unpadded) visual token;
+* the two text attentions are normalised separately (two softmaxes) and mixed with a fixed share
+  ``image_weight`` for the image, so a long text cannot drown out the image:
+
+      text_out_i = (1 - w) * softmax_j<=i(q_i k_j) V_text  +  w * softmax_all_visual(q_i k_v) V_visual
+
+  (w = 0 for a sequence without any unpadded visual token).
+
+K/V use ``kv_heads`` grouped heads; attention runs through ``scaled_dot_product_attention`` with
+native GQA, so repeated K/V are never materialised (and FlashAttention kernels are used on GPUs
+where SDPA picks them). Optional RoPE (``rope_theta``) numbers the image tokens first and the text
+after them, as in a vision-language decoder's sequence, so a pretrained decoder attention layer can
+be converted into this one with :meth:`SimpleMMCA.from_attention`.
+
+``SimpleMMCA(dim, heads, kv_heads=2, dropout=0.1, causal=True, qk_norm=False, flash=False)`` and
+``forward(v, t) -> (visual_out, text_out)`` take the arguments of the ``mmca_mgqa`` package's class
+of the same name. ``causal=False`` lets text attend to all text (encoder-style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MMCACache:
+    """Decoding state: the image's K/V (computed once) and the text K/V so far."""
+
+    visual_k: torch.Tensor | None = None
+    visual_v: torch.Tensor | None = None
+    visual_keep: torch.Tensor | None = None  # (B, Nv) bool
+    visual_out: torch.Tensor | None = None
+    text_k: list[torch.Tensor] = field(default_factory=list)
+    text_v: list[torch.Tensor] = field(default_factory=list)
+    text_keep: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def text_length(self) -> int:
+        return sum(k.shape[2] for k in self.text_k)
+
+    def kv_bytes(self) -> int:
+        tensors = [self.visual_k, self.visual_v, *self.text_k, *self.text_v]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE on (B, H, N, hd) at integer positions (N,)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    ang = positions.to(torch.float32)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class SimpleMMCA(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int = 2, dropout: float = 0.1, causal: bool = True,
+                 qk_norm: bool = False, flash: bool = False, *, head_dim: int | None = None,
+                 image_weight: float = 0.5, visual_attention: str = "bidirectional",
+                 rope_theta: float | None = None, bias: bool = False):
+        super().__init__()
+        if heads % kv_heads:
+            valid = [n for n in range(1, heads + 1) if heads % n == 0]
+            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}; valid: {valid}")
+        if visual_attention not in ("bidirectional", "none"):
+            raise ValueError("visual_attention must be 'bidirectional' or 'none'")
+        if not 0.0 <= image_weight <= 1.0:
+            raise ValueError("image_weight must be in [0, 1]")
+        self.dim, self.heads, self.kv_heads = dim, heads, kv_heads
+        self.head_dim = head_dim or dim // heads
+        self.dropout, self.causal, self.flash = dropout, causal, flash
+        self.image_weight, self.visual_attention, self.rope_theta = image_weight, visual_attention, rope_theta
+        self.scale = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+
+    # -- projections ------------------------------------------------------------------------------
+
+    def _split(self, x: torch.Tensor, proj: nn.Linear, heads: int, norm: nn.Module | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        y = proj(x).view(b, n, heads, self.head_dim).transpose(1, 2)
+        return norm(y) if norm is not None else y
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        q = self._split(x, self.q_proj, self.heads, self.q_norm)
+        k = self._split(x, self.k_proj, self.kv_heads, self.k_norm)
+        v = self._split(x, self.v_proj, self.kv_heads, None)
+        if self.rope_theta is not None:
+            q, k = _rope(q, positions, self.rope_theta), _rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T) v over allowed keys; rows with no allowed key return 0. allowed: (B, Nq, Nk)."""
+        empty = ~allowed.any(-1)  # (B, Nq)
+        mask = allowed | empty[..., None]  # avoid NaN rows, zeroed below
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, None], dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale, enable_gqa=self.kv_heads != self.heads)
+        return out.masked_fill(empty[:, None, :, None], 0.0)
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, v: torch.Tensor | None, t: torch.Tensor, visual_mask: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, cache: MMCACache | None = None):
+        """v: (B, Nv, dim) visual tokens (None when decoding from `cache`), t: (B, Nt, dim) text.
+        Masks are bool (B, N) with True = real token. Returns (visual_out, text_out)."""
+        if v is None and (cache is None or cache.visual_k is None):
+            raise ValueError("visual tokens are required unless a cache already holds them")
+        b, nt, _ = t.shape
+        device = t.device
+        if cache is not None and cache.visual_k is not None:
+            vk, vv, vkeep, visual_out = cache.visual_k, cache.visual_v, cache.visual_keep, cache.visual_out
+            nv = vk.shape[2]
+        else:
+            nv = v.shape[1]
+            vkeep = torch.ones(b, nv, dtype=torch.bool, device=device) if visual_mask is None else visual_mask.bool()
+            vq, vk, vv = self._qkv(v, torch.arange(nv, device=device))
+            if self.visual_attention == "bidirectional":
+                allowed = vkeep[:, None, :].expand(b, nv, nv)
+            else:
+                allowed = torch.eye(nv, dtype=torch.bool, device=device)[None].expand(b, nv, nv)
+            allowed = allowed | torch.eye(nv, dtype=torch.bool, device=device)[None]
+            visual_out = self._merge(self._attend(vq, vk, vv, allowed))
+            visual_out = visual_out.masked_fill(~vkeep[..., None], 0.0)
+            if cache is not None:
+                cache.visual_k, cache.visual_v, cache.visual_keep, cache.visual_out = vk, vv, vkeep, visual_out
+
+        past = cache.text_length if cache is not None else 0
+        tkeep = torch.ones(b, nt, dtype=torch.bool, device=device) if text_mask is None else text_mask.bool()
+        tq, tk, tv = self._qkv(t, nv + past + torch.arange(nt, device=device))
+        if cache is not None:
+            cache.text_k.append(tk)
+            cache.text_v.append(tv)
+            cache.text_keep.append(tkeep)
+            tk, tv, keys_keep = torch.cat(cache.text_k, 2), torch.cat(cache.text_v, 2), torch.cat(cache.text_keep, 1)
+        else:
+            keys_keep = tkeep
+        total = past + nt
+        allowed_tt = keys_keep[:, None, :].expand(b, nt, total)
+        if self.causal:
+            query_pos = past + torch.arange(nt, device=device)
+            allowed_tt = allowed_tt & (torch.arange(total, device=device)[None, :] <= query_pos[:, None])[None]
+        text_part = self._attend(tq, tk, tv, allowed_tt)
+        image_part = self._attend(tq, vk, vv, vkeep[:, None, :].expand(b, nt, nv))
+        # An unpadded text query always sees itself, so only "no visual token at all" needs care.
+        w_image = vkeep.any(-1).to(t.dtype)[:, None, None, None] * self.image_weight  # (B,1,1,1)
+        mixed = (1 - w_image) * text_part + w_image * image_part
+        text_out = self._merge(mixed).masked_fill(~tkeep[..., None], 0.0)
+        return visual_out, text_out
+
+    @torch.no_grad()
+    def attention_weights(self, v: torch.Tensor, t: torch.Tensor, visual_mask=None, text_mask=None):
+        """Effective (image_weights (B,H,Nt,Nv), text_weights (B,H,Nt,Nt)) of the text queries: the
+        mixed distribution the text output is a weighted sum under (for inspection and tests)."""
+        b, nt, _ = t.shape
+        nv = v.shape[1]
+        vkeep = torch.ones(b, nv, dtype=torch.bool) if visual_mask is None else visual_mask.bool()
+        tkeep = torch.ones(b, nt, dtype=torch.bool) if text_mask is None else text_mask.bool()
+        _, vk, _ = self._qkv(v, torch.arange(nv))
+        tq, tk, _ = self._qkv(t, nv + torch.arange(nt))
+        rep = self.heads // self.kv_heads
+        vk, tk = vk.repeat_interleave(rep, 1), tk.repeat_interleave(rep, 1)
+        allowed_tt = tkeep[:, None, None, :].expand(b, 1, nt, nt)
+        if self.causal:
+            allowed_tt = allowed_tt & torch.ones(nt, nt, dtype=torch.bool).tril()
+        s_tt = (tq @ tk.transpose(-1, -2) * self.scale).masked_fill(~allowed_tt, float("-inf")).softmax(-1)
+        s_tv = (tq @ vk.transpose(-1, -2) * self.scale).masked_fill(~vkeep[:, None, None, :], float("-inf")).softmax(-1)
+        w = self.image_weight * vkeep.any(-1).float()[:, None, None, None]
+        return w * torch.nan_to_num(s_tv), (1 - w) * torch.nan_to_num(s_tt)
+
+    # -- initialisation from a pretrained layer --------------------------------------------------
+
+    @classmethod
+    def from_attention(cls, attention: nn.Module, kv_heads: int, method: str = "mean",
+                       cov: torch.Tensor | None = None, **kwargs) -> "SimpleMMCA":
+        """An MMCA-GQA layer from a pretrained decoder attention (Llama-family q/k/v/o_proj), its
+        KV heads merged by kvslim's converter (`method`: "mean" or "aware" with an input
+        second-moment `cov` from calibration data, see kvslim.convert.gqa)."""
+        from ..convert.adapters import AttentionLayout
+        from ..convert.gqa import AttentionWeights, convert_attention
+
+        q, k, vp, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        config = getattr(attention, "config", None)
+        head_dim = getattr(attention, "head_dim", None) or q.out_features // config.num_attention_heads
+        heads = q.out_features // head_dim
+        layout = AttentionLayout(1, heads, k.out_features // head_dim, head_dim, q.in_features)
+        weights = AttentionWeights(q.weight.detach(), k.weight.detach(), vp.weight.detach(), o.weight.detach(),
+                                   q.bias, k.bias, vp.bias)
+        new = convert_attention(weights, layout, kv_heads, method, cov=cov)
+        rope = None
+        if config is not None and getattr(config, "rope_parameters", None):
+            rope = config.rope_parameters.get("rope_theta")
+        kwargs.setdefault("rope_theta", rope)
+        kwargs.setdefault("dropout", 0.0)
+        layer = cls(q.in_features, heads, kv_heads, head_dim=head_dim, bias=q.bias is not None, **kwargs)
+        with torch.no_grad():
+            layer.q_proj.weight.copy_(new.q_w)
+            layer.k_proj.weight.copy_(new.k_w)
+            layer.v_proj.weight.copy_(new.v_w)
+            layer.o_proj.weight.copy_(new.o_w)
+            if q.bias is not None:
+                layer.q_proj.bias.copy_(new.q_b)
+                layer.k_proj.bias.copy_(new.k_b)
+                layer.v_proj.bias.copy_(new.v_b)
+        return layer
