@@ -1,0 +1,163 @@
+"""kvslim attention for converted models: GQA without repeated K/V, and absorbed MLA decoding.
+
+* ``kvslim_sdpa``: an attention function registered with Transformers' ``AttentionInterface`` (and
+  its mask with ``AttentionMaskInterface``, without which masks arrive as None). It calls
+  ``scaled_dot_product_attention(..., enable_gqa=True)``, so grouped K/V are never repeated in
+  memory. Select it with ``attn_implementation="kvslim_sdpa"`` or :func:`enable`.
+* :class:`AbsorbedMLAAttention`: DeepseekV3's attention with the same parameters and the same
+  latent-only cache (the normalised latent c and the shared RoPE key), but at decode it never
+  expands the cache. The key up-projection folds into the query and the value up-projection into
+  the output, so attention runs in latent space as MQA with one KV head::
+
+      scores = (q_nope W_uk) . c  +  rope(q_rope) . rope(k_rope)
+      out_h  = W_uv,h (softmax(scores) . c)
+
+  Prefill keeps the expanded path (one matmul over the prompt is cheaper there).
+
+:func:`enable` switches a loaded model to these (explicit module replacement for MLA layers, the
+registered function for the others) and :func:`disable` restores exactly what was there before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLEMENTATION = "kvslim_sdpa"
+_ORIGINALS = "_kvslim_originals"
+
+
+def kvslim_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """(B, H, Q, D) x (B, KV, K, D) attention with native GQA. Returns (B, Q, H, D), None."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :k_len]
+        causal = False
+    else:
+        mask = None
+        causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
+        if causal and q_len != k_len:  # chunk after a cache: queries sit at the end of the keys
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            causal = False
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``kvslim_sdpa`` with Transformers (idempotent; done on import of kvslim.modeling)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, kvslim_sdpa_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _deepseek_attention_class():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    return DeepseekV3Attention
+
+
+def _rope(module, q_rot, k_rot, cos, sin):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        apply_rotary_pos_emb, apply_rotary_pos_emb_interleave,
+    )
+
+    if module.config.rope_interleave:
+        return apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+    return apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+
+
+class AbsorbedMLAAttention(nn.Module):
+    """DeepseekV3 attention with absorbed latent-space decoding; shares the wrapped module's weights.
+
+    `mode`: "auto" (absorbed when a step has at most `absorb_max_queries` queries, i.e. decode),
+    "absorbed" or "expanded" (always).
+    """
+
+    def __init__(self, base: nn.Module, mode: str = "auto", absorb_max_queries: int = 1):
+        super().__init__()
+        if mode not in ("auto", "absorbed", "expanded"):
+            raise ValueError("mode must be auto, absorbed or expanded")
+        self.config, self.layer_idx = base.config, base.layer_idx
+        self.num_heads, self.scaling = base.num_heads, base.scaling
+        self.q_lora_rank, self.kv_lora_rank = base.q_lora_rank, base.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = base.qk_nope_head_dim, base.qk_rope_head_dim
+        self.v_head_dim, self.qk_head_dim = base.v_head_dim, base.qk_head_dim
+        self.num_key_value_groups, self.attention_dropout = base.num_key_value_groups, base.attention_dropout
+        self.is_causal = True
+        # the same parameter objects: state_dict keys and values are unchanged
+        for name in ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+                     "kv_a_layernorm", "kv_b_proj", "o_proj"):
+            setattr(self, name, getattr(base, name))
+        self.mode, self.absorb_max_queries = mode, absorb_max_queries
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        b, q_len = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(b, q_len, -1, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent).view(b, 1, q_len, self.kv_lora_rank)
+        k_rot = k_rot.view(b, 1, q_len, self.qk_rope_head_dim)
+        cos, sin = position_embeddings
+        q_rot, k_rot = _rope(self, q_rot, k_rot, cos, sin)
+        if past_key_values is not None:  # the cache holds only the latent and the RoPE key
+            latent, k_rot = past_key_values.update(latent, k_rot, self.layer_idx)
+
+        absorbed = self.mode == "absorbed" or (self.mode == "auto" and q_len <= self.absorb_max_queries)
+        dropout = self.attention_dropout if self.training else 0.0
+        if absorbed:
+            w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+            q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_uk)
+            query = torch.cat([q_latent, q_rot], dim=-1)  # (B, H, Q, r + dr)
+            key = torch.cat([latent, k_rot], dim=-1)  # (B, 1, K, r + dr): MQA with one KV head
+            out_latent, _ = kvslim_sdpa_attention(self, query, key, latent, attention_mask, dropout, self.scaling)
+            out = torch.einsum("bqhr,hvr->bqhv", out_latent, w_uv)
+        else:
+            kv = self.kv_b_proj(latent).view(b, latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim)
+            k_nope, value = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            key = torch.cat([k_nope, k_rot.expand(-1, self.num_heads, -1, -1)], dim=-1)
+            query = torch.cat([q_nope, q_rot], dim=-1)
+            out, _ = kvslim_sdpa_attention(self, query, key, value, attention_mask, dropout, self.scaling)
+        return self.o_proj(out.reshape(b, q_len, -1)), None
+
+
+def enable(model: nn.Module, mla_mode: str = "auto") -> nn.Module:
+    """Switch a loaded model to kvslim attention; reversible with :func:`disable`."""
+    register()
+    if getattr(model, _ORIGINALS, None) is not None:
+        return model
+    originals = {"attn_implementation": model.config._attn_implementation, "modules": {}}
+    mla_class = _deepseek_attention_class()
+    for name, module in list(model.named_modules()):
+        if type(module) is mla_class:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            originals["modules"][name] = module
+            setattr(parent, child, AbsorbedMLAAttention(module, mode=mla_mode))
+    model.set_attn_implementation(IMPLEMENTATION)
+    object.__setattr__(model, _ORIGINALS, originals)  # plain attribute: not a submodule, not saved
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable`: the original attention modules and implementation come back."""
+    originals = getattr(model, _ORIGINALS, None)
+    if originals is None:
+        return model
+    for name, module in originals["modules"].items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    model.set_attn_implementation(originals["attn_implementation"])
+    object.__setattr__(model, _ORIGINALS, None)
+    return model
