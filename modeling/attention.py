@@ -132,11 +132,49 @@ class AbsorbedMLAAttention(nn.Module):
         return self.o_proj(out.reshape(b, q_len, -1)), None
 
 
-def enable(model: nn.Module, mla_mode: str = "auto") -> nn.Module:
-    """Switch a loaded model to kvslim attention; reversible with :func:`disable`."""
+BACKENDS = ("sdpa", "flash", "flex", "auto")
+
+
+def choose_backend(backend: str, device: torch.device | None = None) -> str:
+    """The attention implementation for `backend`, falling back to kvslim_sdpa (with a one-line
+    notice) when a kernel is not installed or cannot run on this device."""
+    import importlib.util
+    import logging
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cuda = device is not None and device.type == "cuda"
+    if backend in ("flash", "auto"):
+        if importlib.util.find_spec("flash_attn") is not None and on_cuda:
+            return "flash_attention_2"
+        if backend == "flash":
+            logging.getLogger("kvslim").warning(
+                "kvslim: FlashAttention needs the flash-attn package and a CUDA GPU; using kvslim_sdpa instead.")
+    if backend == "flex":
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError:
+            logging.getLogger("kvslim").warning("kvslim: FlexAttention needs torch>=2.5; using kvslim_sdpa instead.")
+        else:
+            if on_cuda:
+                return "flex_attention"
+            logging.getLogger("kvslim").warning(
+                "kvslim: FlexAttention is compiled for GPUs here; on this device using kvslim_sdpa instead.")
+    return IMPLEMENTATION
+
+
+def enable(model: nn.Module, mla_mode: str = "auto", backend: str = "sdpa") -> nn.Module:
+    """Switch a loaded model to kvslim attention; reversible with :func:`disable`.
+
+    MLA layers get the absorbed attention; the rest get `backend` (sdpa: kvslim_sdpa; flash /
+    flex: Transformers' FlashAttention-2 / FlexAttention where installed and usable, else
+    kvslim_sdpa with a notice; auto: flash when possible).
+    """
     register()
     if getattr(model, _ORIGINALS, None) is not None:
         return model
+    device = next(model.parameters()).device
+    implementation = choose_backend(backend, device)
     originals = {"attn_implementation": model.config._attn_implementation, "modules": {}}
     mla_class = _deepseek_attention_class()
     for name, module in list(model.named_modules()):
@@ -145,7 +183,7 @@ def enable(model: nn.Module, mla_mode: str = "auto") -> nn.Module:
             parent = model.get_submodule(parent_name)
             originals["modules"][name] = module
             setattr(parent, child, AbsorbedMLAAttention(module, mode=mla_mode))
-    model.set_attn_implementation(IMPLEMENTATION)
+    model.set_attn_implementation(implementation)
     object.__setattr__(model, _ORIGINALS, originals)  # plain attribute: not a submodule, not saved
     return model
 

@@ -161,3 +161,25 @@ def test_absorbed_training_gradients_match_expanded():
         km.disable(model)
     for name, g in grads["expanded"].items():
         torch.testing.assert_close(grads["absorbed"][name], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+def test_gpu_kernels_fall_back_with_a_notice_on_cpu(backend, caplog):
+    model = make_model("llama", 8, 2)
+    want = _logits(model, IDS)
+    with caplog.at_level("WARNING", logger="kvslim"):
+        km.enable(model, backend=backend)
+    assert model.config._attn_implementation == km.IMPLEMENTATION
+    assert "using kvslim_sdpa instead" in caplog.text
+    torch.testing.assert_close(_logits(model, IDS), want, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        km.choose_backend("magic")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: FlashAttention / FlexAttention kernels")
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+def test_gpu_kernels_match_sdpa(backend):
+    model = make_model("llama", 8, 2).cuda().to(torch.bfloat16)
+    want = _logits(model, IDS.cuda())
+    km.enable(model, backend=backend)
+    torch.testing.assert_close(_logits(model, IDS.cuda()).float(), want.float(), atol=5e-2, rtol=0)
