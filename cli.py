@@ -158,6 +158,35 @@ def eval_(
     )
 
 
+@app.command()
+def uptrain(
+    model: str = typer.Argument(..., help="The converted model (directory, .gguf or Hub id)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where the uptrained model is written (atomically)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The unconverted source model, for distillation."),
+    recipe: str = typer.Option("distill", "--recipe", help="continued_pretraining, distill, lora_distill, or a YAML path."),
+    data: list[str] = typer.Option(..., "--data", help="Training text: files, directories or datasets ids (repeatable)."),
+    eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="Held-out text (default: rows held out of --data)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="Training token budget, e.g. 2M."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Recipe overrides key=value (repeatable)."),
+) -> None:
+    """Recover quality after a conversion: LM loss, distillation from the source, LoRA (one process;
+    use `accelerate launch -m kvslim.recipes.uptrain` for several)."""
+    from .convert import ConversionError
+    from .recipes.uptrain import UptrainConfig, parse_overrides, run as run_recipe
+
+    try:
+        overrides = dict(model=model, output=str(output), teacher=teacher, data=list(data),
+                         eval_data=list(eval_data) if eval_data else None, tokens=tokens, overwrite=overwrite or None,
+                         **parse_overrides(settings or []))
+        result = run_recipe(UptrainConfig.load(recipe, overrides))
+    except ConversionError as exc:
+        _fail(str(exc))
+    last = result["evaluations"][-1] if result["evaluations"] else {}
+    typer.echo(f"Uptrained {model} -> {output}: {result['steps']} steps"
+               + (f", held-out perplexity {last['eval_ppl']:.2f}" if last else ""))
+
+
 def _shared_dir() -> Path:
     env = os.environ.get("KVSLIM_SHARED")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "shared"

@@ -1,0 +1,372 @@
+"""Uptraining recipe: recover what a conversion lost, from one CPU to many GPUs (accelerate).
+
+    kvslim uptrain out/mqa --teacher src/ --recipe distill --data books/ --tokens 2M -o out/mqa-up
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m kvslim.recipes.uptrain \\
+        --config recipes/configs/distill.yaml --set model=out/mqa teacher=src/ data=books/ output=out/mqa-up
+
+Loss = lm * next-token CE + kd * KL(teacher || student) (temperature T) + hidden * MSE of hidden
+states. What trains: everything, the attention only, or LoRA adapters on the attention (merged on
+save). Checkpoints hold model, optimizer, scheduler, RNG and the data position, so a killed run
+resumes where it stopped; a non-finite loss stops the run and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..convert.errors import ConversionError
+from .data import DataError, UptrainError, collate, load_documents, packed_rows
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class UptrainConfig:
+    model: str = ""
+    output: str = ""
+    data: list[str] = field(default_factory=list)
+    teacher: str | None = None
+    eval_data: list[str] = field(default_factory=list)  # default: held-out rows of `data`
+    seq_len: int = 512
+    tokens: str = "2M"  # training budget; "50M", "500K" or an integer
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: str = "wsd"  # wsd (warmup-stable-decay) or cosine
+    warmup: float = 0.05
+    decay: float = 0.2  # wsd: fraction of steps spent decaying
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    lm: float = 1.0
+    kd: float = 0.0
+    hidden: float = 0.0
+    temperature: float = 1.0
+    train: str = "all"  # all, attention or lora
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    mixed_precision: str = "no"  # no, bf16, fp16 (where the device supports it)
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    eval_rows: int = 16
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    streaming: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    @classmethod
+    def load(cls, recipe: str | None = None, overrides: dict | None = None) -> "UptrainConfig":
+        import yaml
+
+        values: dict = {}
+        if recipe:
+            path = Path(recipe) if Path(recipe).suffix in {".yaml", ".yml"} else CONFIGS / f"{recipe}.yaml"
+            if not path.is_file():
+                names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+                raise UptrainError(f"Unknown recipe '{recipe}'; available: {names} (or a path to a YAML file).")
+            values.update(yaml.safe_load(path.read_text()) or {})
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UptrainError(f"Unknown setting(s) {', '.join(unknown)}; valid: {', '.join(known)}.")
+        for key in ("data", "eval_data"):
+            if isinstance(values.get(key), str):
+                values[key] = [values[key]]
+        return cls(**values)
+
+
+def parse_tokens(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().replace("_", "")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale != 1 else t) * scale)
+    except ValueError:
+        raise UptrainError(f"Cannot read token budget '{text}'; write it like 2M, 500K or 2000000.") from None
+
+
+def lr_factor(step: int, total: int, cfg: UptrainConfig) -> float:
+    """Multiplier of the peak learning rate at `step` (linear warmup, then WSD or cosine)."""
+    warm = max(1, int(cfg.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total - max(1, int(cfg.decay * total))
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1.0 - floor) * (step - decay_start + 1) / max(1, total - decay_start)
+
+
+# ---- model set-up -------------------------------------------------------------------------------
+
+
+def load_models(cfg: UptrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..modeling.perplexity import load_causal_lm
+
+    for name in ("model", "output"):
+        if not getattr(cfg, name):
+            raise UptrainError(f"'{name}' is required.")
+    if cfg.train not in ("all", "attention", "lora"):
+        raise UptrainError(f"train='{cfg.train}' is invalid; valid: all, attention, lora.")
+    if cfg.schedule not in ("wsd", "cosine"):
+        raise UptrainError(f"schedule='{cfg.schedule}' is invalid; valid: wsd, cosine.")
+    student, tokenizer = load_causal_lm(cfg.model)
+    limit = getattr(student.config, "max_position_embeddings", None)
+    if limit and cfg.seq_len > limit:
+        raise UptrainError(f"seq_len {cfg.seq_len} is longer than the model allows ({limit} positions).")
+    teacher = None
+    if cfg.teacher:
+        teacher, teacher_tok = load_causal_lm(cfg.teacher)
+        probe = "The quick brown fox jumps over the lazy dog. 12345 ünïcödé"
+        if teacher.config.vocab_size != student.config.vocab_size or \
+                teacher_tok(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+            raise UptrainError(
+                f"The teacher '{cfg.teacher}' uses a different tokenizer than the student: distillation needs "
+                "the same vocabulary (use the unconverted source model as teacher).")
+        teacher.requires_grad_(False)
+    elif cfg.kd or cfg.hidden:
+        raise UptrainError("kd/hidden losses need a teacher (--teacher, the unconverted source model).")
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if cfg.train == "attention":
+        for name, p in student.named_parameters():
+            p.requires_grad_(".self_attn." in name)
+    elif cfg.train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, m in student.named_modules()
+                 if ".self_attn." in n and isinstance(m, torch.nn.Linear)}
+        student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=sorted(names)))
+    return student, teacher, tokenizer
+
+
+def build_data(cfg: UptrainConfig, tokenizer, total_rows: int):
+    if not cfg.data:
+        raise UptrainError("'data' is required: local files/directories or datasets ids.")
+    docs = load_documents(cfg.data, streaming=cfg.streaming)
+    if cfg.eval_data:
+        eval_rows = packed_rows(load_documents(cfg.eval_data), tokenizer, cfg.seq_len, cfg.eval_rows)
+        train_rows = packed_rows(docs, tokenizer, cfg.seq_len, total_rows)
+    else:  # hold out the first rows of the training data for evaluation
+        rows = packed_rows(docs, tokenizer, cfg.seq_len, total_rows + cfg.eval_rows)
+        if len(rows) <= cfg.eval_rows:
+            raise DataError(f"The training data makes only {len(rows)} sequences of {cfg.seq_len} tokens; need more "
+                            f"than the {cfg.eval_rows} held out for evaluation (give eval_data or more text).")
+        eval_rows, train_rows = rows[: cfg.eval_rows], rows[cfg.eval_rows:]
+    return train_rows, eval_rows
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+def losses(student, teacher, batch, cfg: UptrainConfig, label_count: torch.Tensor, world: int) -> dict:
+    """Token-summed losses divided by the global label count (x world size, since DDP averages
+    gradients): the same objective for any split of a global batch over processes."""
+    want_hidden = cfg.hidden > 0
+    # use_cache=False: Transformers only turns restarting position_ids into a block-causal
+    # (per-document) mask when no cache is in play
+    out = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=want_hidden,
+                  use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    scale = world / label_count.clamp(min=1)
+    parts = {"lm": F.cross_entropy(logits[valid], labels[valid], reduction="sum") * scale}
+    if teacher is not None and (cfg.kd or cfg.hidden):
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            output_hidden_states=want_hidden, use_cache=False)
+        if cfg.kd:
+            t = cfg.temperature
+            s_logp = F.log_softmax(logits[valid] / t, -1)
+            t_logp = F.log_softmax(t_out.logits[:, :-1].float()[valid] / t, -1)
+            parts["kd"] = (t_logp.exp() * (t_logp - s_logp)).sum() * scale * t * t
+        if cfg.hidden:
+            mse = sum(F.mse_loss(s, t_, reduction="none").mean(-1)[:, :-1][valid].sum()
+                      for s, t_ in zip(out.hidden_states[1:], t_out.hidden_states[1:]))
+            parts["hidden"] = mse / len(out.hidden_states[1:]) * scale
+    parts["total"] = sum(getattr(cfg, k) * v for k, v in parts.items())
+    return parts
+
+
+@torch.no_grad()
+def evaluate(student, teacher, rows: list[dict], device, micro_batch: int) -> dict:
+    student.eval()
+    nll, count, agree = 0.0, 0, 0
+    for i in range(0, len(rows), micro_batch):
+        batch = {k: v.to(device) for k, v in collate(rows[i: i + micro_batch]).items()}
+        logits = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        valid = labels != -100
+        nll += F.cross_entropy(logits[valid], labels[valid], reduction="sum").item()
+        count += int(valid.sum())
+        if teacher is not None:
+            t_logits = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).logits[:, :-1]
+            agree += int((t_logits.argmax(-1) == logits.argmax(-1))[valid].sum())
+    student.train()
+    result = {"eval_ppl": math.exp(nll / max(count, 1)), "eval_tokens": count}
+    if teacher is not None:
+        result["teacher_agreement"] = agree / max(count, 1)
+    return result
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def run(cfg: UptrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from ..convert.writer import AtomicDirectory
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else None)
+    set_seed(cfg.seed)
+    output = Path(cfg.output)
+    ckpt_root = Path(f"{output}.checkpoints")
+    if output.exists() and not cfg.overwrite:
+        raise UptrainError(f"Output '{output}' already exists; pass overwrite=true (--overwrite) or another path.")
+    student, teacher, tokenizer = load_models(cfg)
+    world = accelerator.num_processes
+    global_rows = cfg.micro_batch * cfg.grad_accum * world
+    total_steps = max(1, parse_tokens(cfg.tokens) // (global_rows * cfg.seq_len))
+    train_rows, eval_rows = build_data(cfg, tokenizer, total_steps * global_rows)
+    if len(train_rows) < global_rows:
+        raise DataError(f"Only {len(train_rows)} training sequences of {cfg.seq_len} tokens; one optimizer step "
+                        f"needs {global_rows} (micro_batch x grad_accum x processes).")
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+    # the scheduler is stepped by hand once per optimizer step (a prepared one would step once per
+    # process), and registered so checkpoints include it
+    student, optimizer = accelerator.prepare(student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
+
+    step = 0
+    resume = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckpt_root.exists() else []
+    if resume:
+        accelerator.load_state(str(resume[-1]))
+        step = json.loads((resume[-1] / "kvslim_state.json").read_text())["step"]
+        accelerator.print(f"resuming from {resume[-1]} (step {step})")
+    log_path = Path(f"{output}.log.jsonl")
+    log = open(log_path, "a") if accelerator.is_main_process else None
+
+    per_epoch = len(train_rows) // global_rows
+    student.train()
+    bar = tqdm(total=total_steps, initial=step, desc="uptrain", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    started, tokens_done = time.perf_counter(), 0
+    history = []
+    while step < total_steps:
+        epoch, index = divmod(step, per_epoch)
+        order = epoch_order(len(train_rows), epoch, cfg.seed)
+        first = index * global_rows
+        chunk = [train_rows[i] for i in order[first: first + global_rows]]
+        # this process's share of the global batch, in micro-batches
+        mine = chunk[accelerator.process_index * cfg.micro_batch * cfg.grad_accum:][: cfg.micro_batch * cfg.grad_accum]
+        label_count = torch.tensor(sum(int((r["labels"][1:] != -100).sum()) for r in chunk), device=accelerator.device)
+        for m in range(cfg.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]).items()}
+            with accelerator.accumulate(student):
+                parts = losses(student, teacher, batch, cfg, label_count, world)
+                if not torch.isfinite(parts["total"]):
+                    last = resume[-1] if resume else None
+                    raise UptrainError(f"The loss became {parts['total'].item()} at step {step}: the run diverged "
+                                       f"(lower lr or check the data). Last good checkpoint: {last or 'none'}.")
+                accelerator.backward(parts["total"])
+                if accelerator.sync_gradients and cfg.clip:
+                    accelerator.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        tokens_done += global_rows * cfg.seq_len
+        rate = tokens_done / (time.perf_counter() - started)
+        values = {k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()}
+        bar.set_postfix(loss=f"{values['total']:.3f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        record = {"step": step, "tokens": step * global_rows * cfg.seq_len, "lr": scheduler.get_last_lr()[0],
+                  **values, "tokens_per_s": rate}
+        if step % cfg.eval_every == 0 or step == total_steps:
+            record.update(evaluate(accelerator.unwrap_model(student), teacher, eval_rows, accelerator.device, cfg.micro_batch))
+            history.append(record)
+        if log and (step % cfg.log_every == 0 or "eval_ppl" in record):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if step % cfg.checkpoint_every == 0 and step < total_steps:
+            path = ckpt_root / f"step-{step}"
+            accelerator.save_state(str(path))
+            if accelerator.is_main_process:
+                (path / "kvslim_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+            resume = [path]
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(student)
+        if cfg.train == "lora":
+            model = model.merge_and_unload()
+        with AtomicDirectory(output, overwrite=cfg.overwrite) as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            summary = {"config": asdict(cfg), "steps": step, "tokens": step * global_rows * cfg.seq_len,
+                       "processes": world, "evaluations": history}
+            (tmp / "kvslim_uptrain.json").write_text(json.dumps(summary, indent=2))
+        log.close()
+    accelerator.wait_for_everyone()
+    return {"steps": step, "evaluations": history}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UptrainError(f"--set expects key=value, got '{item}'.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="kvslim uptraining recipe (run directly or with accelerate launch)")
+    parser.add_argument("--config", help="recipe name (recipes/configs/NAME.yaml) or YAML path")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides: key=value ...")
+    args = parser.parse_args(argv)
+    try:
+        run(UptrainConfig.load(args.config, parse_overrides(args.set)))
+    except ConversionError as exc:
+        raise SystemExit(f"Error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

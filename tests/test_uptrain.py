@@ -1,0 +1,198 @@
+"""Uptraining recipe on tiny models, CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load, make_model
+
+from kvslim.recipes import uptrain as recipe
+from kvslim.recipes.data import collate, pack_documents
+from kvslim.recipes.uptrain import UptrainConfig, UptrainError
+
+
+
+@pytest.fixture
+def setup(save_model, text_file, tmp_path):
+    teacher = save_model(make_model("llama", 8, 8, seed=1), "teacher")
+    import kvslim
+
+    kvslim.convert(str(teacher), tmp_path / "student", to="mqa", method="mean", progress=False)
+    return dict(model=str(tmp_path / "student"), teacher=str(teacher), data=[str(text_file)], seq_len=32,
+                micro_batch=4, eval_rows=4, progress=False, eval_every=1000, checkpoint_every=1000, log_every=1)
+
+
+def cfg(base, tmp_path, name, **kw) -> UptrainConfig:
+    return UptrainConfig(**{**base, "output": str(tmp_path / name), **kw})
+
+
+def log(tmp_path, name) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / f"{name}.log.jsonl").read_text().splitlines()]
+
+
+def weights(path) -> dict:
+    return {k: v.clone() for k, v in load(path).state_dict().items()}
+
+
+def test_packing_keeps_documents_apart(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rows = list(pack_documents(["the time of day", "a new year was good for us and them, the people"], tok, 16))
+    first = rows[0]
+    starts = (first["position_ids"] == 0).nonzero().flatten().tolist()
+    assert starts[0] == 0 and len(starts) >= 2  # a second document starts inside the row
+    assert all(first["labels"][s] == -100 for s in starts)
+    # a packed row gives each document the logits it gets alone: no attention across the boundary
+    model = make_model("llama", 8, 8)
+    b = starts[1]
+    with torch.no_grad():
+        packed = model(input_ids=first["input_ids"][None], position_ids=first["position_ids"][None],
+                       use_cache=False).logits
+        alone = model(input_ids=first["input_ids"][None, b:]).logits
+    torch.testing.assert_close(packed[0, b:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_loss_goes_down(setup, tmp_path):
+    recipe.run(cfg(setup, tmp_path, "lm", tokens=128 * 40, lr=3e-3))
+    losses = [r["lm"] for r in log(tmp_path, "lm")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    summary = json.loads((tmp_path / "lm" / "kvslim_uptrain.json").read_text())
+    assert summary["steps"] == 40 and summary["evaluations"][-1]["eval_ppl"] > 1
+
+
+def test_distillation_from_identical_teacher_has_zero_kl(setup, tmp_path):
+    recipe.run(cfg(setup, tmp_path, "kd", model=setup["teacher"], tokens=128 * 2, lm=0.0, kd=1.0))
+    first = log(tmp_path, "kd")[0]
+    assert abs(first["kd"]) < 1e-6
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
+    settings = dict(tokens=128 * 6, checkpoint_every=3, lr=3e-3)
+    recipe.run(cfg(setup, tmp_path, "straight", **settings))
+    calls = {"n": 0}
+    real = recipe.losses
+
+    def dies_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "losses", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run(cfg(setup, tmp_path, "resumed", **settings))
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints" / "step-3").is_dir()
+    monkeypatch.setattr(recipe, "losses", real)
+    recipe.run(cfg(setup, tmp_path, "resumed", **settings))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
+    real = recipe.losses
+    calls = {"n": 0}
+
+    def nan_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] == 3:
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(recipe, "losses", nan_at_step_3)
+    with pytest.raises(UptrainError, match="diverged.*step-2"):
+        recipe.run(cfg(setup, tmp_path, "nan", tokens=128 * 6, checkpoint_every=2))
+    assert (tmp_path / "nan.checkpoints" / "step-2").is_dir() and not (tmp_path / "nan").exists()
+
+
+def test_lora_distillation_merges_into_a_plain_checkpoint(setup, tmp_path):
+    recipe.run(cfg(setup, tmp_path, "lora", train="lora", lm=0.5, kd=1.0, tokens=128 * 4, lr=1e-2))
+    out = load(tmp_path / "lora")  # plain Transformers
+    assert not any("lora" in k for k in out.state_dict())
+    before = load(setup["model"]).state_dict()
+    after = out.state_dict()
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_attention_only_training_freezes_the_rest(setup, tmp_path):
+    recipe.run(cfg(setup, tmp_path, "attn", train="attention", tokens=128 * 3, lr=1e-2))
+    before, after = load(setup["model"]).state_dict(), load(tmp_path / "attn").state_dict()
+    assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(after["model.layers.0.self_attn.k_proj.weight"], before["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
+    def launch(name, processes, micro_batch):
+        settings = [f"{k}={json.dumps(v)}" for k, v in {**setup, "output": str(tmp_path / name), "micro_batch": micro_batch,
+                                                         "tokens": 128 * 4, "lr": 3e-3, "kd": 1.0}.items()]
+        # accelerate picks up a torchrun world on CPU (gloo) when told to use the CPU; its own
+        # `launch` needs mpirun for multi-CPU jobs
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        if processes == 1:
+            cmd = [sys.executable, "-m", "kvslim.recipes.uptrain", "--set", *settings]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                   "kvslim.recipes.uptrain", "--set", *settings]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch("one", 1, 4)
+    launch("two", 2, 2)
+    assert json.loads((tmp_path / "two" / "kvslim_uptrain.json").read_text())["processes"] == 2
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)  # lr 3e-3: a wrong split moves weights ~1e-3
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs(setup, tmp_path, tokenizer_dir, save_model):
+    with pytest.raises(UptrainError, match="does not exist"):
+        recipe.run(cfg(setup, tmp_path, "x", data=[str(tmp_path / "missing.txt")]))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   ")
+    with pytest.raises(UptrainError, match="empty"):
+        recipe.run(cfg(setup, tmp_path, "x", data=[str(empty)]))
+    with pytest.raises(UptrainError, match="longer than the model allows"):
+        recipe.run(cfg(setup, tmp_path, "x", seq_len=4096))
+    # a teacher with another tokenizer (other vocabulary)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = make_model("llama", 8, 8, vocab_size=400)
+    path = tmp_path / "other"
+    other.save_pretrained(str(path))
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "the": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
+    with pytest.raises(UptrainError, match="different tokenizer"):
+        recipe.run(cfg(setup, tmp_path, "x", teacher=str(path), kd=1.0))
+    with pytest.raises(UptrainError, match="Unknown recipe"):
+        UptrainConfig.load("nope")
+    with pytest.raises(UptrainError, match="Unknown setting"):
+        UptrainConfig.load("distill", {"learning_rate": 1})
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_uptrain(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvslim.cli import app
+
+    r = CliRunner().invoke(app, ["uptrain", setup["model"], "-o", str(tmp_path / "cli"), "--teacher", setup["teacher"],
+                                 "--recipe", "distill", "--data", setup["data"][0], "--tokens", "512",
+                                 "--set", "seq_len=32", "--set", "micro_batch=4", "--set", "eval_rows=4",
+                                 "--set", "progress=false"])
+    assert r.exit_code == 0, r.output
+    assert "held-out perplexity" in r.output and load(tmp_path / "cli").config.num_key_value_heads == 1
+    assert collate([{"a": torch.zeros(2)}, {"a": torch.ones(2)}])["a"].shape == (2, 2)
