@@ -24,6 +24,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _default_refine(to: str, method: str, steps: int | None) -> int:
+    if steps is not None:
+        return steps
+    if to == "mla":
+        return 300  # MLA's shared RoPE key is a harder approximation: it needs more fitting
+    return 100 if method == "aware" else 0
+
+
 def _parse_size(text: str) -> int:
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
     t = text.strip().upper()
@@ -58,7 +66,7 @@ def convert(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
-    refine_steps: int = typer.Option(100, "--refine-steps", help="Layer-local output-matching steps after the closed-form aware merge (0: closed form only)."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: 100 for GQA/MQA, 300 for MLA; 0: closed form only)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
     kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
@@ -77,7 +85,7 @@ def convert(
     try:
         record = run(source, output, to=to, kv_heads=kv_heads, method=method, calib_data=calib_data,
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
-                     refine_steps=refine_steps if method == "aware" else 0, dtype=dtype,
+                     refine_steps=_default_refine(to, method, refine_steps), dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
                      max_shard_bytes=_parse_size(max_shard_size), kv_budget=kv_budget, kv_rank=kv_rank,
                      rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy)

@@ -28,20 +28,21 @@ PEERS = {
 }
 
 
-def variants(refine_steps: int, full: bool) -> list[tuple[str, dict]]:
+def variants(refine_steps: int, full: bool, only_default: bool = False) -> list[tuple[str, dict]]:
+    default = (f"default (whitened / rotate + refine {refine_steps})",
+               dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))
+    if only_default:
+        return [default]
     rows = [("svd / rotate", dict(mla_init="svd", rope_strategy="rotate")),
             ("pca / rotate", dict(mla_init="pca", rope_strategy="rotate")),
             ("whitened / rotate", dict(mla_init="whitened", rope_strategy="rotate"))]
     if full:
         rows += [("svd / partial", dict(mla_init="svd", rope_strategy="partial")),
                  ("pca / partial", dict(mla_init="pca", rope_strategy="partial"))]
-    rows += [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial")),
-             (f"default (whitened / rotate + refine {refine_steps})",
-              dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))]
-    return rows
+    return rows + [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial")), default]
 
 
-def run(models, budgets, refine_steps, work: Path) -> dict:
+def run(models, budgets, refine_steps, work: Path, only_default: bool = False) -> dict:
     rows = []
     for key in models:
         spec = {"gutenberg": gutenberg_spec, "smollm2": smollm2_spec}[key](work)
@@ -52,7 +53,7 @@ def run(models, budgets, refine_steps, work: Path) -> dict:
         base = child(EVAL_CHILD, spec["source"], json.dumps(spec["eval_files"]), str(spec["window"]))
         print(f"{spec['name']}: source perplexity {base['perplexity']:.2f}", flush=True)
         for budget in budgets:
-            for label, kwargs in variants(refine_steps, full=key == "gutenberg"):
+            for label, kwargs in variants(refine_steps, full=key == "gutenberg", only_default=only_default):
                 out = work / "mla-out"
                 args = dict(source=spec["source"], output=str(out), to="mla", kv_budget=budget,
                             calib_data=spec["calib"], calib_samples=spec["calib_samples"],
@@ -129,9 +130,11 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--name", default="mla_conversion")
+    parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvslim-mla-bench-") as tmp:
-        result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp))
+        result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp),
+                     args.only_default)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{args.name}.md").write_text(markdown(result))
