@@ -24,14 +24,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _default_refine(to: str, method: str, steps: int | None) -> int:
-    if steps is not None:
-        return steps
-    if to == "mla":
-        return 300  # MLA's shared RoPE key is a harder approximation: it needs more fitting
-    return 100 if method == "aware" else 0
-
-
 def _parse_size(text: str) -> int:
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
     t = text.strip().upper()
@@ -85,7 +77,7 @@ def convert(
     try:
         record = run(source, output, to=to, kv_heads=kv_heads, method=method, calib_data=calib_data,
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
-                     refine_steps=_default_refine(to, method, refine_steps), dtype=dtype,
+                     refine_steps=refine_steps, dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
                      max_shard_bytes=_parse_size(max_shard_size), kv_budget=kv_budget, kv_rank=kv_rank,
                      rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy)

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import CONVERT_CHILD, RESULTS, SHARED, child, gutenberg_spec, machine  # noqa: E402
+from gqa_conversion import CONVERT_CHILD, RESULTS, SHARED, child, figure, gutenberg_spec, machine, machine_line  # noqa: E402
 
 MEASURE_CHILD = r"""
 import json, resource, sys, time
@@ -89,8 +89,7 @@ def run(contexts, batches, steps, chunk, work: Path) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Decode speed and KV cache memory", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; torch {m['torch']}, transformers "
-             f"{m['transformers']}; {m['date']}. Model: llama-mha-gutenberg and its conversions (fp32); "
+             f"{machine_line(m)} Model: llama-mha-gutenberg and its conversions (fp32); "
              f"{result['steps']} greedy decode steps after a prefill in chunks of {result['prefill_chunk']}.", "",
              "| model | path | batch | context | KV MiB allocated | KV MiB theory | prefill tok/s | decode tok/s | "
              "decode vs transformers | decode vs source | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -108,14 +107,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = sorted({r["batch"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    fig, axes = figure(len(batches), 6, 4.2)
+    for ax, batch in zip(axes, batches):
         for key in dict.fromkeys((r["model"], r["path"]) for r in result["rows"]):
             rows = [r for r in result["rows"] if (r["model"], r["path"]) == key and r["batch"] == batch]
             ax.plot([r["context"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o",

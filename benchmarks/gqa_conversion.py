@@ -129,6 +129,22 @@ def run(models: list[str], methods: list[tuple[str, dict]], work: Path) -> dict:
     return {"machine": machine(), "rows": rows}
 
 
+def machine_line(m: dict) -> str:
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; torch {m['torch']}, transformers "
+            f"{m['transformers']}; {m['date']}.")
+
+
+def figure(panels: int, width: float = 5.5, height: float = 4.0):
+    """A headless matplotlib figure with `panels` side by side: (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    return fig, axes[0]
+
+
 def kv_str(row: dict) -> str:
     return f"{row['kv_before']}->{row['kv_after']} KV"
 
@@ -137,8 +153,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# GQA/MQA conversion benchmark (no training)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; torch {m['torch']}, transformers "
-        f"{m['transformers']}; {m['date']}.", "",
+        machine_line(m), "",
         "Perplexity: first 8,192 tokens, non-overlapping windows with BOS prepended (llama-mha-gutenberg: "
         "held-out books, 256-token windows; SmolLM2: WikiText-2 test, 512-token windows). Calibration text "
         "is disjoint from it. Goal: the default method's perplexity increase is at most a tenth of mean's.", "",
@@ -157,14 +172,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = sorted({r["model"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = figure(len(models))
+    for ax, model in zip(axes, models):
         rows = [r for r in result["rows"] if r["model"] == model]
         targets = sorted({r["kv_after"] for r in rows}, reverse=True)
         methods = list(dict.fromkeys(r["method"] for r in rows))

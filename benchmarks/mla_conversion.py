@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import CONVERT_CHILD, EVAL_CHILD, RESULTS, child, gutenberg_spec, machine, smollm2_spec  # noqa: E402
+from gqa_conversion import (CONVERT_CHILD, EVAL_CHILD, RESULTS, child, figure, gutenberg_spec, machine,  # noqa: E402
+                            machine_line, smollm2_spec)
 
 # Published converters run with their own code on these fixtures (issue 7), no training.
 PEERS = {
@@ -33,16 +34,18 @@ def variants(refine_steps: int, full: bool, only_default: bool = False) -> list[
                dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))
     if only_default:
         return [default]
-    rows = [("svd / rotate", dict(mla_init="svd", rope_strategy="rotate")),
-            ("pca / rotate", dict(mla_init="pca", rope_strategy="rotate")),
-            ("whitened / rotate", dict(mla_init="whitened", rope_strategy="rotate"))]
+    closed = dict(refine_steps=0)  # closed form: explicit, the API's default refines
+    rows = [("svd / rotate", dict(mla_init="svd", rope_strategy="rotate", **closed)),
+            ("pca / rotate", dict(mla_init="pca", rope_strategy="rotate", **closed)),
+            ("whitened / rotate", dict(mla_init="whitened", rope_strategy="rotate", **closed))]
     if full:
-        rows += [("svd / partial", dict(mla_init="svd", rope_strategy="partial")),
-                 ("pca / partial", dict(mla_init="pca", rope_strategy="partial"))]
-    return rows + [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial")), default]
+        rows += [("svd / partial", dict(mla_init="svd", rope_strategy="partial", **closed)),
+                 ("pca / partial", dict(mla_init="pca", rope_strategy="partial", **closed))]
+        rows += [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial", **closed))]
+    return rows + [default]
 
 
-def run(models, budgets, refine_steps, work: Path, only_default: bool = False) -> dict:
+def run(models, budgets, refine_steps, work: Path, only_default: bool = False, save=None) -> dict:
     rows = []
     for key in models:
         spec = {"gutenberg": gutenberg_spec, "smollm2": smollm2_spec}[key](work)
@@ -67,6 +70,8 @@ def run(models, budgets, refine_steps, work: Path, only_default: bool = False) -
                            ppl_source=base["perplexity"], ppl=ev["perplexity"], seconds=round(conv["seconds"], 1),
                            peak_rss_mib=round(conv["peak_rss_mib"]))
                 rows.append(row)
+                if save:  # keep what is measured even if a later row fails
+                    save({"machine": machine(), "refine_steps": refine_steps, "rows": rows})
                 print(f"  budget {budget:<6} {label:42s} ppl {row['ppl']:9.2f}  rank {row['kv_rank']:4d} rope "
                       f"{row['rope_dim']:3d}  {row['seconds']:7.1f}s {row['peak_rss_mib']:6d} MiB", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
@@ -77,8 +82,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# MLA conversion benchmark (no training)", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; torch {m['torch']}, transformers "
-        f"{m['transformers']}; {m['date']}.", "",
+        machine_line(m), "",
         "Perplexity: first 8,192 tokens, non-overlapping windows with BOS prepended (llama-mha-gutenberg: held-out "
         "books, 256-token windows; SmolLM2: WikiText-2 test, 512-token windows). Budget = KV bytes per token relative "
         "to the source; the cache holds the latent (rank + 1 anchor element) and the shared RoPE key. Peers: the "
@@ -96,14 +100,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = figure(len(models), 6, 4.2)
+    for ax, model in zip(axes, models):
         rows = [r for r in result["rows"] if r["model"] == model]
         budgets = sorted({r["budget"] for r in rows}, reverse=True)
         for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -132,12 +131,16 @@ def main() -> None:
     parser.add_argument("--name", default="mla_conversion")
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{args.name}.md").write_text(markdown(result))
+
     with tempfile.TemporaryDirectory(prefix="kvslim-mla-bench-") as tmp:
         result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp),
-                     args.only_default)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+                     args.only_default, save)
+    save(result)
     plot(result, RESULTS / f"{args.name}.png")
     print(markdown(result))
 

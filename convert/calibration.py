@@ -209,17 +209,12 @@ class LayerwiseRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def attention_input_moment(self, index: int, attention_module: str) -> torch.Tensor:
-        """E[[x,1][x,1]^T] of the attention input x of layer `index` (float64, D x D)."""
-        acc: dict[str, torch.Tensor | int] = {"m": None, "n": 0}
+    def _each_attention_input(self, index: int, attention_module: str, visit) -> None:
+        """Call visit(x, kwargs) with the input of layer `index`'s attention for every calibration
+        batch; the rest of the layer is skipped."""
 
         def hook(module, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-            m = x.T @ x
-            acc["m"] = m if acc["m"] is None else acc["m"] + m
-            acc["n"] += x.shape[0]
+            visit(kwargs.get("hidden_states", args[0] if args else None), kwargs)
             raise _StopForward
 
         with self.loaded_layer(index) as layer:
@@ -230,28 +225,31 @@ class LayerwiseRunner:
                         self._call(layer, index, h)
             finally:
                 handle.remove()
+
+    def attention_input_moment(self, index: int, attention_module: str) -> torch.Tensor:
+        """E[[x,1][x,1]^T] of the attention input x of layer `index` (float64, D x D)."""
+        acc: dict = {"m": 0.0, "n": 0}
+
+        def visit(x, kwargs):
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            acc["m"] = acc["m"] + x.T @ x
+            acc["n"] += x.shape[0]
+
+        self._each_attention_input(index, attention_module, visit)
         return acc["m"] / acc["n"]
 
-    @torch.no_grad()
     def attention_inputs(self, index: int, attention_module: str) -> tuple[list[torch.Tensor], dict]:
         """The attention inputs of layer `index` per calibration batch, and the other arguments
         the layer passes its attention module (rotary embeddings, mask)."""
         inputs: list[torch.Tensor] = []
         call: dict = {}
 
-        def hook(module, args, kwargs):
-            inputs.append(kwargs.get("hidden_states", args[0] if args else None))
+        def visit(x, kwargs):
+            inputs.append(x)
             call.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _StopForward
 
-        with self.loaded_layer(index) as layer:
-            handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                for h in self.hidden:
-                    with contextlib.suppress(_StopForward):
-                        self._call(layer, index, h)
-            finally:
-                handle.remove()
+        self._each_attention_input(index, attention_module, visit)
         call.pop("past_key_values", None)
         call.pop("past_key_value", None)
         return inputs, call

@@ -105,7 +105,7 @@ def convert(
     revision: str | None = None,
     device: str = "cpu",
     max_shard_bytes: int = 2 * 1024**3,
-    refine_steps: int = 0,
+    refine_steps: int | None = None,
     refine_lr: float = 1e-2,
     kv_rank: int | None = None,
     rope_dim: int | None = None,
@@ -117,9 +117,11 @@ def convert(
     """Convert `source` (Hub id, directory or .gguf) to `kv_heads` KV heads and save to `output`.
 
     Returns the conversion record (also saved beside the weights). Raises ConversionError on bad
-    input, before anything is written.
+    input, before anything is written. `refine_steps` None: 100 for aware GQA/MQA, 300 for MLA.
     """
     started = time.perf_counter()
+    if refine_steps is None:  # MLA's shared RoPE key is a harder approximation: it needs more fitting
+        refine_steps = 300 if to == "mla" else 100 if method == "aware" else 0
     out = AtomicDirectory(output, overwrite)
     out.check()
     if method not in METHODS:

@@ -47,6 +47,9 @@ def refine_attention(
         wanted = [_attention_out(source, x, call) for x in inputs]
     scale = sum(w.pow(2).mean() for w in wanted) / len(wanted)
     params = [p for n, p in target.named_parameters() if not n.startswith(frozen)]
+    initial = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        before = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
     for p in params:
         p.requires_grad_(True)
     # Step sizes relative to each tensor's scale: biases, norms and projections differ by orders.
@@ -67,4 +70,8 @@ def refine_attention(
         p.requires_grad_(False)
     with torch.no_grad():
         err = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
+        if err >= before:  # never leave a layer worse than the closed form (e.g. an exact one)
+            for p, p0 in zip(params, initial):
+                p.copy_(p0)
+            err = before
     return float(err / len(inputs) / scale)

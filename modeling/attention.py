@@ -28,23 +28,39 @@ IMPLEMENTATION = "kvslim_sdpa"
 _ORIGINALS = "_kvslim_originals"
 
 
+PACK_MAX_ROWS = 256  # pack a group's query heads into one KV head's query axis up to this many rows
+
+
 def kvslim_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """(B, H, Q, D) x (B, KV, K, D) attention with native GQA. Returns (B, Q, H, D), None."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, :k_len]
-        causal = False
+    """(B, H, Q, D) x (B, KV, K, D) attention without repeating K/V. Returns (B, Q, H, Dv), None.
+
+    Short query blocks (decoding) pack each group's query heads into the query axis of their one KV
+    head: (B, KV, G*Q, D) against (B, KV, K, D) is plain attention, exact, and never copies K/V
+    (SDPA's enable_gqa can fall back to a kernel that does). Long blocks (prefill) use
+    enable_gqa, where the causal flag avoids building a G*Q x K mask.
+    """
+    b, heads, q_len, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
+    mask = None if attention_mask is None else attention_mask[:, :, :, :k_len]
+    if mask is None and causal and (q_len != k_len or groups > 1 and q_len * groups <= PACK_MAX_ROWS):
+        # queries sit at the end of the keys (a chunk after a cache, or packed heads)
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    if groups > 1 and q_len * groups <= PACK_MAX_ROWS:
+        packed = query.reshape(b, kv_heads, groups * q_len, query.shape[-1])  # heads are grouped by KV head
+        if mask is not None:
+            mask = mask.expand(b, -1, -1, -1)
+            mask = mask.repeat(1, 1, groups, 1) if mask.shape[1] == 1 else \
+                mask.reshape(b, kv_heads, groups * q_len, k_len)
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        out = out.reshape(b, heads, q_len, value.shape[-1])
     else:
-        mask = None
-        causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
-        if causal and q_len != k_len:  # chunk after a cache: queries sit at the end of the keys
-            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            causal = False
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+            is_causal=causal and mask is None, enable_gqa=groups > 1,
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

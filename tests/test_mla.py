@@ -15,7 +15,7 @@ from kvslim.cli import app
 from kvslim.convert import ConversionError, get_adapter
 from kvslim.convert.mla import MLAShape, shape_for_budget
 
-CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)
+CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
 
 
 def rank1_keys_model(model_type: str, kv_heads: int, seed: int = 0):

@@ -12,7 +12,7 @@ from test_gqa_math import IDS, convert_in_memory
 import kvslim
 from kvslim.convert import RECORD_FILE
 
-CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)
+CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma3_text"])
@@ -87,7 +87,7 @@ def test_aware_with_calibration_and_refinement_beats_mean(save_model, tmp_path, 
     errs = {}
     for name, kwargs in {"mean": dict(method="mean"), "aware": dict(refine_steps=0),
                          "refined": dict(refine_steps=40)}.items():
-        kvslim.convert(str(src), tmp_path / name, to="mqa", calib_data=str(text_file), **kwargs, **CALIB)
+        kvslim.convert(str(src), tmp_path / name, to="mqa", calib_data=str(text_file), **{**CALIB, **kwargs})
         errs[name] = _rel_err(logits(load(tmp_path / name), ids), ref)
     assert errs["aware"] < errs["mean"] and errs["refined"] < errs["aware"], errs
     record = json.loads((tmp_path / "refined" / RECORD_FILE).read_text())
