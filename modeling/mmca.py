@@ -44,13 +44,17 @@ class MMCACache:
     text_v: list[torch.Tensor] = field(default_factory=list)
     text_keep: list[torch.Tensor] = field(default_factory=list)
 
+    # In the MLA variant visual_k / text_k hold (latent, positions) and the *_v fields are unused.
+
     @property
     def text_length(self) -> int:
-        return sum(k.shape[2] for k in self.text_k)
+        return sum(k[0].shape[1] if isinstance(k, tuple) else k.shape[2] for k in self.text_k)
 
     def kv_bytes(self) -> int:
-        tensors = [self.visual_k, self.visual_v, *self.text_k, *self.text_v]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes of cached K/V (or latents); positions are bookkeeping, not counted."""
+        entries = [self.visual_k, self.visual_v, *self.text_k, *self.text_v]
+        tensors = [e[0] if isinstance(e, tuple) else e for e in entries if e is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -67,7 +71,7 @@ class SimpleMMCA(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int = 2, dropout: float = 0.1, causal: bool = True,
                  qk_norm: bool = False, flash: bool = False, *, head_dim: int | None = None,
                  image_weight: float = 0.5, visual_attention: str = "bidirectional",
-                 rope_theta: float | None = None, bias: bool = False):
+                 rope_theta: float | None = None, bias: bool = False, kv_rank: int | None = None):
         super().__init__()
         if heads % kv_heads:
             valid = [n for n in range(1, heads + 1) if heads % n == 0]
@@ -82,8 +86,14 @@ class SimpleMMCA(nn.Module):
         self.image_weight, self.visual_attention, self.rope_theta = image_weight, visual_attention, rope_theta
         self.scale = self.head_dim ** -0.5
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
+        self.kv_rank = kv_rank
+        if kv_rank is None:
+            self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=bias)
+        else:  # MLA variant: one latent per token, K and V are up-projections of it; the cache holds the latent
+            self.kv_down = nn.Linear(dim, kv_rank, bias=bias)
+            self.k_up = nn.Linear(kv_rank, kv_heads * self.head_dim, bias=False)
+            self.v_up = nn.Linear(kv_rank, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
@@ -95,13 +105,31 @@ class SimpleMMCA(nn.Module):
         y = proj(x).view(b, n, heads, self.head_dim).transpose(1, 2)
         return norm(y) if norm is not None else y
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _cached(self, x: torch.Tensor, positions: torch.Tensor):
+        """(q, what the cache keeps): K/V heads, or the latent in the MLA variant."""
         q = self._split(x, self.q_proj, self.heads, self.q_norm)
-        k = self._split(x, self.k_proj, self.kv_heads, self.k_norm)
-        v = self._split(x, self.v_proj, self.kv_heads, None)
         if self.rope_theta is not None:
-            q, k = _rope(q, positions, self.rope_theta), _rope(k, positions, self.rope_theta)
-        return q, k, v
+            q = _rope(q, positions, self.rope_theta)
+        if self.kv_rank is not None:
+            return q, (self.kv_down(x), positions)
+        k = self._split(x, self.k_proj, self.kv_heads, self.k_norm)
+        if self.rope_theta is not None:
+            k = _rope(k, positions, self.rope_theta)
+        return q, (k, self._split(x, self.v_proj, self.kv_heads, None))
+
+    def _expand(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V heads from a cache entry (the MLA latent is up-projected here)."""
+        if self.kv_rank is None:
+            return state
+        latent, positions = state
+        k = self._split(latent, self.k_up, self.kv_heads, self.k_norm)
+        if self.rope_theta is not None:
+            k = _rope(k, positions, self.rope_theta)
+        return k, self._split(latent, self.v_up, self.kv_heads, None)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        q, state = self._cached(x, positions)
+        return (q, *self._expand(state))
 
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T) v over allowed keys; rows with no allowed key return 0. allowed: (B, Nq, Nk)."""
@@ -127,12 +155,15 @@ class SimpleMMCA(nn.Module):
         b, nt, _ = t.shape
         device = t.device
         if cache is not None and cache.visual_k is not None:
-            vk, vv, vkeep, visual_out = cache.visual_k, cache.visual_v, cache.visual_keep, cache.visual_out
+            vstate = cache.visual_k if self.kv_rank is not None else (cache.visual_k, cache.visual_v)
+            vk, vv = self._expand(vstate)
+            vkeep, visual_out = cache.visual_keep, cache.visual_out
             nv = vk.shape[2]
         else:
             nv = v.shape[1]
             vkeep = torch.ones(b, nv, dtype=torch.bool, device=device) if visual_mask is None else visual_mask.bool()
-            vq, vk, vv = self._qkv(v, torch.arange(nv, device=device))
+            vq, vstate = self._cached(v, torch.arange(nv, device=device))
+            vk, vv = self._expand(vstate)
             if self.visual_attention == "bidirectional":
                 allowed = vkeep[:, None, :].expand(b, nv, nv)
             else:
@@ -141,18 +172,25 @@ class SimpleMMCA(nn.Module):
             visual_out = self._merge(self._attend(vq, vk, vv, allowed))
             visual_out = visual_out.masked_fill(~vkeep[..., None], 0.0)
             if cache is not None:
-                cache.visual_k, cache.visual_v, cache.visual_keep, cache.visual_out = vk, vv, vkeep, visual_out
+                cache.visual_k, cache.visual_v = (vstate, None) if self.kv_rank is not None else vstate
+                cache.visual_keep, cache.visual_out = vkeep, visual_out
 
         past = cache.text_length if cache is not None else 0
         tkeep = torch.ones(b, nt, dtype=torch.bool, device=device) if text_mask is None else text_mask.bool()
-        tq, tk, tv = self._qkv(t, nv + past + torch.arange(nt, device=device))
+        tq, tstate = self._cached(t, nv + past + torch.arange(nt, device=device))
         if cache is not None:
-            cache.text_k.append(tk)
-            cache.text_v.append(tv)
             cache.text_keep.append(tkeep)
-            tk, tv, keys_keep = torch.cat(cache.text_k, 2), torch.cat(cache.text_v, 2), torch.cat(cache.text_keep, 1)
+            keys_keep = torch.cat(cache.text_keep, 1)
+            if self.kv_rank is not None:
+                cache.text_k.append(tstate)
+                tstate = (torch.cat([lat for lat, _ in cache.text_k], 1), torch.cat([p for _, p in cache.text_k]))
+            else:
+                cache.text_k.append(tstate[0])
+                cache.text_v.append(tstate[1])
+                tstate = (torch.cat(cache.text_k, 2), torch.cat(cache.text_v, 2))
         else:
             keys_keep = tkeep
+        tk, tv = self._expand(tstate)
         total = past + nt
         allowed_tt = keys_keep[:, None, :].expand(b, nt, total)
         if self.causal:

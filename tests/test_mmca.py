@@ -201,3 +201,34 @@ def test_pretrained_init_reproduces_the_decoder_layer_under_the_mmca_mask():
     mask = torch.full((6, 6), float("-inf")).triu(1)[None, None]
     want = attn(hidden_states=t, position_embeddings=pe, attention_mask=mask)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def _mla_and_equivalent_gqa(rope=None):
+    torch.manual_seed(0)
+    mla = SimpleMMCA(DIM, HEADS, kv_heads=2, dropout=0.0, kv_rank=12, rope_theta=rope).eval()
+    gqa = SimpleMMCA(DIM, HEADS, kv_heads=2, dropout=0.0, rope_theta=rope).eval()
+    with torch.no_grad():
+        gqa.q_proj.weight.copy_(mla.q_proj.weight)
+        gqa.o_proj.weight.copy_(mla.o_proj.weight)
+        gqa.k_proj.weight.copy_(mla.k_up.weight @ mla.kv_down.weight)
+        gqa.v_proj.weight.copy_(mla.v_up.weight @ mla.kv_down.weight)
+    return mla, gqa
+
+
+def test_mla_variant_equals_gqa_with_composed_weights():
+    mla, gqa = _mla_and_equivalent_gqa()
+    v, t = inputs()
+    for got, want in zip(mla(v, t), gqa(v, t)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope", [None, 10000.0])
+def test_mla_variant_caches_only_the_latent(rope):
+    mla, _ = _mla_and_equivalent_gqa(rope)
+    v, t = inputs(nt=9)
+    _, full = mla(v, t)
+    cache = MMCACache()
+    outs = [mla(v, t[:, :3], cache=cache)[1]] + [mla(None, t[:, i:i + 1], cache=cache)[1] for i in range(3, 9)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
+    assert cache.text_length == 9
+    assert cache.kv_bytes() == (5 + 9) * 12 * 2 * 4  # tokens x latent rank x batch x fp32: no K/V heads
