@@ -84,9 +84,12 @@ def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_d
     source = 2 * layout.num_kv_heads * layout.head_dim
     elements = int(math.floor(budget * source + 1e-9))
     if rope_dim is None:
-        rope_dim = 2
-        while rope_dim * 2 <= min(layout.head_dim, elements // 4):
-            rope_dim *= 2
+        # RoPE dims are worth more than latent rank (on SmolLM2 at 1/4: all 64 RoPE dims + rank 31
+        # gives perplexity 148 before refinement, 32 + rank 63 gives 379): keep the whole head dim
+        # while the latent keeps at least a quarter of it, else halve.
+        rope_dim = layout.head_dim
+        while rope_dim > 2 and elements - 1 - rope_dim < max(rope_dim // 4, 1):
+            rope_dim //= 2
     minimum = rope_dim + 2
     if elements < minimum:
         raise ConversionError(
