@@ -124,7 +124,7 @@ def test_kv_heads_must_divide(src, tmp_path):
     assert_refused(r, "does not divide the 8 query heads", "valid values: 1, 2, 4, 8", out=out)
     assert_refused(run("convert", src, "-o", out, "--to", "gqa"), "needs --kv-heads", out=out)
     assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--kv-heads", "2"), "1 KV head", out=out)
-    assert_refused(run("convert", src, "-o", out, "--to", "mla"), "valid: gqa, mqa, mha", out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "mlb"), "valid: gqa, mqa, mha, mla", out=out)
     assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "magic"), "valid: aware, mean", out=out)
 
 
