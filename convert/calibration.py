@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -31,11 +29,12 @@ def read_texts(spec: str, max_chars: int | None = None) -> list[str]:
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         docs: list[str] = []
-        total = 0
+        chars = 0
         for f in files:
-            docs.extend(_read_file(f))
-            total += sum(len(d) for d in docs[-1:])
-            if max_chars and sum(len(d) for d in docs) >= max_chars:
+            new = _read_file(f)
+            docs.extend(new)
+            chars += sum(len(d) for d in new)
+            if max_chars and chars >= max_chars:
                 break
         if not docs:
             raise ConversionError(f"Calibration data '{spec}' contains no readable text files.")
@@ -125,21 +124,24 @@ class _StopForward(Exception):
     pass
 
 
+def meta_model(config) -> nn.Module:
+    """A model of `config` with weights on the meta device (buffers such as RoPE frequencies real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
 class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
     def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int = 8,
                  device: str = "cpu", layers_attr: str = "layers"):
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
         self.source = source
         self.device = torch.device(device)
         self.batch_size = batch_size
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(
-                source.config, attn_implementation="sdpa", dtype=torch.float32
-            )
+        self.model = meta_model(source.config)
         self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
         self.layers: nn.ModuleList = getattr(self.base, layers_attr)
         self.prefix = self._base_prefix()
@@ -167,7 +169,7 @@ class LayerwiseRunner:
             key = prefix + name
             if key in overrides:
                 value = overrides[key]
-            elif key in self.source.reader.keys():
+            elif key in self.source.reader.keys():  # a keys view: constant-time membership
                 value = self.source.reader.get(key)
             else:
                 raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
@@ -261,17 +263,3 @@ class LayerwiseRunner:
         `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
         with self.loaded_layer(index, layer, overrides) as loaded:
             self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
-
-
-def build_layer(config, index: int) -> nn.Module:
-    """A meta-device decoder layer of `config` (used for the converted layer)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return base.layers[index]
-
-
-ProgressCallback = Callable[[int], None]

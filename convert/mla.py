@@ -119,6 +119,35 @@ def rotation_keep_factor(theta: torch.Tensor, context: int) -> torch.Tensor:
     return torch.where(x < 1e-8, torch.ones_like(x), torch.sin(x) / x.clamp(min=1e-30))
 
 
+def shared_rope_key(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, beta: torch.Tensor, strategy: str,
+                    re: torch.Tensor, im: torch.Tensor):
+    """The RoPE key all heads share, per frequency pair, and what keeping each pair is worth.
+
+    q, k: per-head augmented weights (nh, hd, D). Returns (shared (F, D), folds (nh, F), residual
+    keys (nh, F, D), gain (F,)), all complex except gain. ``rotate`` concentrates the heads by a
+    rank-1 complex PCA (folds go into q); ``partial`` (MHA2MLA) takes an energy-weighted mean and
+    ranks frequencies by query/key 2-norm.
+    """
+    nh, hd, D = k.shape
+    F = hd // 2
+    kc = _to_complex(k, re, im)
+    energy_q = query_energy(q, cov, re, im, None)  # (nh, F)
+    energy_k = query_energy(k, cov, re, im, None)
+    if strategy == "rotate":
+        shared, folds = merge_keys_aware(kc, energy_q, cov, phase_only=False)
+        resid = kc - folds[:, :, None] * shared[None]
+        resid_energy = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
+        # error if f is not kept: the whole key goes un-rotated; if kept: only the residual does
+        gain = (1 - beta**2) * (energy_q * (energy_k - resid_energy)).sum(0)
+    else:
+        w = energy_q.T  # (F, nh)
+        shared = torch.einsum("fh,hfd->fd", w.to(kc.dtype), kc) / w.sum(1, keepdim=True).clamp(min=1e-30)
+        folds = torch.ones(nh, F, dtype=kc.dtype)
+        resid = kc - shared[None]
+        gain = (energy_q.sqrt() * energy_k.sqrt()).sum(0)
+    return shared, folds, resid, gain
+
+
 @dataclass
 class MLALayer:
     """DeepseekV3 attention tensors of one layer (nn.Linear layout)."""
@@ -192,25 +221,10 @@ def convert_attention_mla(
     v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
     o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)  # (nh, d_out, hd)
     qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
-    energy_q = query_energy(q, cov, re, im, None)  # (nh, F)
-    energy_k = query_energy(k, cov, re, im, None)
     beta = rotation_keep_factor(theta, context)  # (F,)
 
     # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
-    shared, folds = merge_keys_aware(kc, energy_q, cov, phase_only=False)  # per frequency, over all heads
-    if rope_strategy == "rotate":
-        fitted = folds.T[:, :, None] * shared[:, None, :]  # (F, nh, D): a_if k_g,f
-        resid = kc - fitted.transpose(0, 1)
-        resid_energy = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
-        # error if f is not kept: the whole key goes un-rotated; if kept: only the residual does
-        gain = (1 - beta**2) * (energy_q * (energy_k - resid_energy)).sum(0)
-    else:  # MHA2MLA: 2-norm of query and key, no concentration across heads
-        gain = (energy_q.sqrt() * energy_k.sqrt()).sum(0)
-        w = energy_q.T  # (F, nh)
-        shared = torch.einsum("fh,hfd->fd", w.to(kc.dtype), kc) / w.sum(1, keepdim=True).clamp(min=1e-30)
-        folds = torch.ones(nh, F, dtype=kc.dtype)
-        fitted = shared[:, None, :].expand(F, nh, D)
-        resid = kc - fitted.transpose(0, 1)
+    shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
     start, stride = rope_window or rope_progression(gain, P)
     kept = torch.arange(start, start + P * stride, stride)
     is_kept = torch.zeros(F, dtype=torch.bool)

@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, text_config
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, read_texts, token_windows
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, token_windows
 from .errors import ConversionError
 from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_shape, convert_attention_mla, rope_progression, shape_for_budget
-from .mla import rotation_keep_factor
+from .mla import rotation_keep_factor, shared_rope_key
 from .sources import CheckpointSource
 
 # Source architectures whose non-attention blocks DeepseekV3 reproduces exactly (SwiGLU MLP,
@@ -92,7 +92,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
         raise ConversionError("--to mla needs --kv-budget F, or --kv-rank R [--rope-dim D].")
     check_shape(shape, layout, hidden)
     theta = source_frequencies(src.config)
-    query_bias = adapter.tensor_name(0, adapter.q_proj, "bias") in set(src.reader.keys())
+    query_bias = adapter.tensor_name(0, adapter.q_proj, "bias") in src.reader.keys()
 
     spec = calib_data or DEFAULT_CALIB_DATASET
     tokenizer = src.load_tokenizer()
@@ -118,13 +118,14 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     config = deepseek_config(src.config, shape, window, query_bias)
     if out_dtype is not None:
         config.dtype = out_dtype
-    target_layers, rotary = _meta_target(config, device)
+    target = meta_model(config)
+    target_layers, rotary = list(target.model.layers), target.model.rotary_emb.to(device)
     record.mla = {"kv_rank": shape.kv_rank, "latent_anchor": 1, "rope_dim": shape.rope_dim,
                   "cache_elements_per_layer": shape.cache_elements, "init": init, "rope_strategy": rope_strategy,
                   "rope_frequencies": {"start": window[0], "stride": window[1]}, "context_for_beta": calib_seq_len,
                   "query_bias_via_q_lora": query_bias}
-    element = torch.tensor([], dtype=out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj))).element_size()
-    record.kv_bytes_per_token_after = layout.num_layers * shape.cache_elements * element
+    record.kv_bytes_per_token_after = mla_kv_bytes(
+        layout.num_layers, shape, out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj)))
 
     scaling = layout.head_dim ** -0.5
     with out as tmp:
@@ -163,36 +164,15 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
 
 
 def _frequency_gain(weights, layout, theta, cov, strategy, context, rope_layout) -> torch.Tensor:
-    """Per-frequency benefit of keeping a pair under RoPE (same criterion the layer conversion uses)."""
-    from .gqa import _augmented, _from_complex, _opt64, _to_complex, _virtual_heads, merge_keys_aware, pair_indices
-    from .gqa import query_energy
+    """Per-frequency benefit of keeping a pair under RoPE (the criterion the layer conversion uses)."""
+    from .gqa import _augmented, _opt64, _virtual_heads, pair_indices
 
-    hd, nh = layout.head_dim, layout.num_heads
-    d = weights.q_w.shape[1]
-    f64 = torch.float64
-    re, im = pair_indices(hd, rope_layout)
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
+    hd, nh, f64 = layout.head_dim, layout.num_heads, torch.float64
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, -1)
     k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
-    eq, ek = query_energy(q, cov, re, im, None), query_energy(k, cov, re, im, None)
-    if strategy == "partial":
-        return (eq.sqrt() * ek.sqrt()).sum(0)
-    kc = _to_complex(k, re, im)
-    shared, folds = merge_keys_aware(kc, eq, cov, phase_only=False)
-    resid = kc - folds[:, :, None] * shared[None]
-    er = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
-    beta = rotation_keep_factor(theta, context)
-    gain = (1 - beta**2) * (eq * (ek - er)).sum(0)
-    return gain / gain.sum().clamp(min=1e-30)
-
-
-def _meta_target(config, device):
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    rotary = model.model.rotary_emb.to(device)
-    return list(model.model.layers), rotary
+    *_, gain = shared_rope_key(q, k, cov, rotation_keep_factor(theta, context), strategy,
+                               *pair_indices(hd, rope_layout))
+    return gain if strategy == "partial" else gain / gain.sum().clamp(min=1e-30)
 
 
 def _target_call(runner, index: int, rotary) -> dict:

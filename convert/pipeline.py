@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, get_adapter
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, read_texts, token_windows
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, token_windows
 from .errors import ConversionError
 from .gqa import METHODS, AttentionWeights, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .sources import CheckpointSource, open_source
@@ -177,7 +177,7 @@ def convert(
         runner = LayerwiseRunner(src, ids, device=device)
         target_config = copy.deepcopy(src.config)
         adapter.set_kv_heads(target_config, target_kv)
-        target_layers = _meta_layers(target_config)
+        target_layers = list(meta_model(target_config).model.layers)
 
     with out as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
@@ -281,18 +281,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
-def _meta_layers(config) -> list:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return list(base.layers)
-
-
 def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers: int) -> None:
-    keys = set(src.reader.keys())
+    keys = src.reader.keys()
     for i in range(num_layers):
         for module in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj):
             name = adapter.tensor_name(i, module)
@@ -304,7 +294,7 @@ def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers:
 
 
 def _read_attention(src: CheckpointSource, adapter: AttentionAdapter, layer: int) -> AttentionWeights:
-    keys = set(src.reader.keys())
+    keys = src.reader.keys()
 
     def get(module: str, kind: str = "weight") -> torch.Tensor | None:
         name = adapter.tensor_name(layer, module, kind)

@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, KeysView, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,7 +32,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 
 
 class TensorReader(Protocol):
-    def keys(self) -> list[str]: ...
+    def keys(self) -> KeysView[str]: ...
     def get(self, name: str) -> torch.Tensor: ...
     def dtype(self, name: str) -> torch.dtype: ...
 
@@ -56,8 +56,8 @@ class SafetensorsReader:
             for name in names:
                 self._where[name] = path
 
-    def keys(self) -> list[str]:
-        return list(self._where)
+    def keys(self) -> KeysView[str]:
+        return self._where.keys()
 
     def get(self, name: str) -> torch.Tensor:
         handle = self._handles[self._where[name]]
@@ -86,8 +86,8 @@ class DictReader:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self._tensors = tensors
 
-    def keys(self) -> list[str]:
-        return list(self._tensors)
+    def keys(self) -> KeysView[str]:
+        return self._tensors.keys()
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]

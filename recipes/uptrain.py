@@ -118,8 +118,6 @@ def lr_factor(step: int, total: int, cfg: UptrainConfig) -> float:
 
 
 def load_models(cfg: UptrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..modeling.perplexity import load_causal_lm
 
     for name in ("model", "output"):
