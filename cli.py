@@ -1,4 +1,4 @@
-"""kvslim command line: convert, inspect, eval, demo."""
+"""kvslim command line: convert, inspect, eval, uptrain, push, report, demo."""
 
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def convert(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
     device: str = typer.Option("cpu", "--device", help="Device for calibration (cpu, cuda)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Convert a checkpoint's attention to GQA / MQA (merging KV heads), MLA (DeepseekV3), or back to MHA."""
     from .convert import ConversionError
@@ -93,6 +95,8 @@ def convert(
         f"  KV cache per token: {_human(before)} -> {_human(after)} ({after / before:.2%})\n"
         f"  took {record.seconds:.1f}s"
     )
+    if push_to_hub:
+        _push(output, push_to_hub, private=private)
 
 
 @app.command()
@@ -169,6 +173,8 @@ def uptrain(
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Training token budget, e.g. 2M."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Recipe overrides key=value (repeatable)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
     """Recover quality after a conversion: LM loss, distillation from the source, LoRA (one process;
     use `accelerate launch -m kvslim.recipes.uptrain` for several)."""
@@ -185,6 +191,61 @@ def uptrain(
     last = result["evaluations"][-1] if result["evaluations"] else {}
     typer.echo(f"Uptrained {model} -> {output}: {result['steps']} steps"
                + (f", held-out perplexity {last['eval_ppl']:.2f}" if last else ""))
+    if push_to_hub:
+        _push(output, push_to_hub, private=private)
+
+
+def _push(folder: Path, repo_id: str, eval_data: Optional[list[str]] = None, **kwargs) -> None:
+    from .convert import ConversionError
+    from .convert.publish import push as run
+
+    try:
+        url = run(folder, repo_id, eval_data=eval_data, **kwargs)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(f"Published {folder} -> {url}")
+
+
+@app.command()
+def push(
+    folder: Path = typer.Argument(..., help="A directory written by `kvslim convert` or `kvslim uptrain`."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, user/name or org/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
+    eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="Measure perplexity (this model and its source) for the card."),
+    window: int = typer.Option(512, "--window", help="With --eval-data: tokens per window."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="With --eval-data: evaluate the first N tokens."),
+) -> None:
+    """Publish a converted model on the Hub with a model card (recipe, KV bytes, evaluation, how to load).
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or written."""
+    _push(folder, repo_id, eval_data, private=private, revision=revision, create_pr=create_pr, window=window,
+          max_tokens=max_tokens)
+
+
+@app.command()
+def report(
+    source: str = typer.Argument(..., help="The unconverted model (directory, .gguf or Hub id)."),
+    converted: str = typer.Argument(..., help="Its conversion (directory or Hub id)."),
+    data: list[str] = typer.Option(..., "--data", help="Text/JSONL/parquet file or directory, or datasets id (repeatable)."),
+    output: Path = typer.Option(Path("kvslim-report"), "--output", "-o", help="Directory for report.json/.png/.html."),
+    window: int = typer.Option(256, "--window", help="Tokens per window (BOS included)."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Use the first N tokens of the data."),
+) -> None:
+    """Per-layer hidden-state similarity (linear CKA, cosine), attention-output error, perplexity and
+    KV bytes of a conversion against its source, as JSON, a PNG and an HTML page."""
+    from .convert import ConversionError
+    from .modeling.report import report as run
+
+    try:
+        r = run(source, converted, data, output, window, max_tokens)
+    except ConversionError as exc:
+        _fail(str(exc))
+    worst = min(r["layers"], key=lambda x: x["cka"])
+    typer.echo(f"perplexity {r['perplexity']['source']:.3f} -> {r['perplexity']['converted']:.3f}; KV bytes/token "
+               f"{r['kv_bytes_per_token']['source']:,} -> {r['kv_bytes_per_token']['converted']:,}; top-1 agreement "
+               f"{r['top1_agreement']:.1%}; lowest CKA {worst['cka']:.3f} (layer {worst['layer']})\n"
+               f"report: {output / 'report.html'}")
 
 
 def _shared_dir() -> Path:

@@ -60,11 +60,8 @@ def main() -> None:
                                 eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False,
                                 output=str(work / f"{conversion}-{recipe}"))
                 result = child(UPTRAIN_CHILD, recipe, json.dumps(settings))
-                # the student before training, on the same evaluation rows (a 0-step run)
-                start = child(UPTRAIN_CHILD, recipe, json.dumps({**settings, "tokens": 1, "lr": 0.0,
-                                                                 "output": str(work / f"{conversion}-{recipe}-0")}))
-                points = [{"tokens": 0, "eval_ppl": start["evaluations"][-1]["eval_ppl"]}] + \
-                         [{"tokens": e["tokens"], "eval_ppl": e["eval_ppl"], "teacher_agreement": e.get("teacher_agreement")}
+                # the first evaluation is the student before training (step 0), on the same rows
+                points = [{"tokens": e["tokens"], "eval_ppl": e["eval_ppl"], "teacher_agreement": e.get("teacher_agreement")}
                           for e in result["evaluations"]]
                 curves.append({"conversion": conversion, "method": label, "recipe": recipe, "points": points})
                 print(f"{conversion} {label:18s} " + "  ".join(f"{p['tokens']/1e6:.2f}M:{p['eval_ppl']:.1f}" for p in points), flush=True)

@@ -284,6 +284,9 @@ def run(cfg: UptrainConfig) -> dict:
                disable=not (cfg.progress and accelerator.is_main_process))
     started, tokens_done = time.perf_counter(), 0
     history = []
+    if step == 0:  # where recovery starts: the converted model before any training
+        history.append({"step": 0, "tokens": 0, **evaluate(accelerator.unwrap_model(student), teacher, eval_rows,
+                                                           accelerator.device, cfg.micro_batch)})
     while step < total_steps:
         epoch, index = divmod(step, per_epoch)
         order = epoch_order(len(train_rows), epoch, cfg.seed)

@@ -185,3 +185,44 @@ def test_not_a_model_directory(tmp_path):
     out = tmp_path / "out"
     assert_refused(run("convert", tmp_path / "empty", "-o", out, "--to", "mqa"), "no config.json", out=out)
     assert_refused(run("inspect", tmp_path / "empty"), "no config.json")
+
+
+def test_report_compares_layer_by_layer(save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", heads=4, kv_heads=4), "src")
+    same = save_model(make_model("llama", heads=4, kv_heads=4), "same")  # identical weights (same seed)
+    r = run("report", src, same, "--data", text_file, "-o", tmp_path / "rep-same", "--window", 32, "--max-tokens", 256)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "rep-same" / "report.json").read_text())
+    assert len(result["layers"]) == 2 and result["top1_agreement"] == 1.0
+    for layer in result["layers"]:
+        assert layer["cka"] == pytest.approx(1.0, abs=1e-6) and layer["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert layer["attention_relative_error"] < 1e-6
+    assert result["perplexity"]["source"] == pytest.approx(result["perplexity"]["converted"], rel=1e-6)
+
+    mqa = tmp_path / "mqa"
+    assert run("convert", src, "-o", mqa, "--to", "mqa", "--method", "mean", "--calib-data", text_file,
+                  "--calib-samples", 8, "--calib-seq-len", 32).exit_code == 0
+    r = run("report", src, mqa, "--data", text_file, "-o", tmp_path / "rep", "--window", 32, "--max-tokens", 256)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert result["kv_bytes_per_token"]["converted"] * 4 == result["kv_bytes_per_token"]["source"]
+    assert result["layers"][0]["attention_relative_error"] > 1e-3  # mean-pooling 4 -> 1 really changes layer 0
+    assert all(0 < layer["cka"] < 1 for layer in result["layers"])
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "data:image/png;base64," in html and (tmp_path / "rep" / "report.png").stat().st_size > 1000
+
+
+def test_report_refuses_a_different_tokenizer_and_short_data(save_model, tmp_path, text_file):
+    src = save_model(make_model("llama", heads=4, kv_heads=4), "src")
+    other = save_model(make_model("llama", heads=4, kv_heads=4), "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same tokens, different ids
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    r = run("report", src, other, "--data", text_file, "-o", tmp_path / "r")
+    assert r.exit_code == 2 and "different tokenizers" in r.output
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    r = run("report", src, src, "--data", short, "-o", tmp_path / "r2")
+    assert r.exit_code == 2 and "too short" in r.output and not (tmp_path / "r2").exists()
