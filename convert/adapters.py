@@ -28,17 +28,23 @@ class AttentionLayout:
 
 @dataclass(frozen=True)
 class AttentionAdapter:
-    """Where the attention weights of a decoder-only architecture live.
+    """Where the attention weights of an architecture live, and how to read and write them.
 
     `rope_layout` is "half" for the rotate-half convention used by Transformers' Llama family
-    (dimension f pairs with f + head_dim/2) and "interleaved" when dimension 2f pairs with 2f+1.
-    `qk_norm` marks architectures that RMS-normalise each query/key head before RoPE (Qwen3,
-    Gemma 3); their norm weight is shared by all heads, which limits what can be folded into q.
+    (dimension f pairs with f + head_dim/2), "interleaved" when dimension 2f pairs with 2f+1, and
+    "none" without rotary embeddings (learned or no positions). `qk_norm` marks architectures
+    that RMS-normalise each query/key head before RoPE (Qwen3, Gemma 3); their norm weight is
+    shared by all heads, which limits what can be folded into q. `hosted` names the kvslim model
+    class for architectures whose Transformers class ignores `num_key_value_heads`.
+
+    The default reads separate q/k/v/o nn.Linear projections; subclasses override `read` and
+    `write` for fused layouts.
     """
 
     name: str
     model_types: tuple[str, ...]
-    layer_prefix: str = "model.layers.{i}."
+    base_path: str = "model"  # the module that embeds tokens and holds the layers
+    layers_path: str = "model.layers"
     q_proj: str = "self_attn.q_proj"
     k_proj: str = "self_attn.k_proj"
     v_proj: str = "self_attn.v_proj"
@@ -50,6 +56,8 @@ class AttentionAdapter:
     k_norm: str = "self_attn.k_norm"
     rope_layout: str = "half"
     kv_heads_key: str = "num_key_value_heads"
+    model_kind: str = "causal"  # "causal" (AutoModelForCausalLM) or "base" (AutoModel: encoders)
+    hosted: str | None = None
 
     def layout(self, config: Any) -> AttentionLayout:
         text = text_config(config)
@@ -58,14 +66,159 @@ class AttentionAdapter:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return AttentionLayout(text.num_hidden_layers, heads, kv, head_dim, text.hidden_size)
 
+    def rope(self, config: Any) -> str:
+        """The RoPE layout of `config`'s heads (see gqa.pair_indices)."""
+        return self.rope_layout
+
     def prefix(self, layer: int) -> str:
-        return self.layer_prefix.format(i=layer)
+        return f"{self.layers_path}.{layer}."
 
     def tensor_name(self, layer: int, module: str, kind: str = "weight") -> str:
         return f"{self.prefix(layer)}{module}.{kind}"
 
+    def required(self, layer: int) -> list[str]:
+        """Tensors every layer must have (checked before converting)."""
+        return [self.tensor_name(layer, m) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
+
+    def read(self, reader, layer: int):
+        """This layer's attention as AttentionWeights (nn.Linear layout)."""
+        from .gqa import AttentionWeights
+
+        keys = reader.keys()
+
+        def get(module: str, kind: str = "weight"):
+            name = self.tensor_name(layer, module, kind)
+            return reader.get(name) if name in keys else None
+
+        q_norm = get(self.q_norm) if self.qk_norm else None
+        if q_norm is not None and self.qk_norm_offset:
+            q_norm = q_norm.float() + self.qk_norm_offset
+        return AttentionWeights(
+            q_w=get(self.q_proj), k_w=get(self.k_proj), v_w=get(self.v_proj), o_w=get(self.o_proj),
+            q_b=get(self.q_proj, "bias"), k_b=get(self.k_proj, "bias"), v_b=get(self.v_proj, "bias"), q_norm=q_norm,
+        )
+
+    def write(self, w, layer: int) -> dict:
+        """Checkpoint tensors of converted AttentionWeights (the inverse of `read`)."""
+        out = {self.tensor_name(layer, self.q_proj): w.q_w, self.tensor_name(layer, self.k_proj): w.k_w,
+               self.tensor_name(layer, self.v_proj): w.v_w, self.tensor_name(layer, self.o_proj): w.o_w}
+        for module, bias in ((self.q_proj, w.q_b), (self.k_proj, w.k_b), (self.v_proj, w.v_b)):
+            if bias is not None:
+                out[self.tensor_name(layer, module, "bias")] = bias
+        return out
+
     def set_kv_heads(self, config: Any, kv_heads: int) -> None:
         setattr(text_config(config), self.kv_heads_key, kv_heads)
+
+    def target_config(self, config: Any, kv_heads: int) -> Any:
+        """The converted model's config: Transformers' own class, or kvslim's hosted one."""
+        import copy
+
+        if self.hosted:
+            from ..modeling.hosted import hosted_config
+
+            return hosted_config(self.hosted, config, kv_heads)
+        out = copy.deepcopy(config)
+        self.set_kv_heads(out, kv_heads)
+        return out
+
+
+@dataclass(frozen=True)
+class FusedQKVAdapter(AttentionAdapter):
+    """One projection computes [q; k; v] (Phi-3's qkv_proj), rows in that order."""
+
+    qkv_proj: str = "self_attn.qkv_proj"
+
+    def rope(self, config: Any) -> str:
+        text = text_config(config)
+        factor = getattr(text, "partial_rotary_factor", 1.0) or 1.0
+        hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return self.rope_layout if factor >= 1.0 else f"{self.rope_layout}:{int(hd * factor)}"
+
+    def required(self, layer: int) -> list[str]:
+        return [self.tensor_name(layer, self.qkv_proj), self.tensor_name(layer, self.o_proj)]
+
+    def _sizes(self, w) -> list[int]:
+        q, kv = w.q_w.shape[0], w.k_w.shape[0]
+        return [q, kv, kv]
+
+    def read(self, reader, layer: int):
+        from .gqa import AttentionWeights
+
+        keys = reader.keys()
+        qkv = reader.get(self.tensor_name(layer, self.qkv_proj))
+        bias_name = self.tensor_name(layer, self.qkv_proj, "bias")
+        bias = reader.get(bias_name) if bias_name in keys else None
+        o = reader.get(self.tensor_name(layer, self.o_proj))
+        q_rows = o.shape[1]
+        kv_rows = (qkv.shape[0] - q_rows) // 2
+        q_w, k_w, v_w = qkv.split([q_rows, kv_rows, kv_rows])
+        q_b, k_b, v_b = bias.split([q_rows, kv_rows, kv_rows]) if bias is not None else (None, None, None)
+        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
+
+    def write(self, w, layer: int) -> dict:
+        import torch
+
+        out = {self.tensor_name(layer, self.qkv_proj): torch.cat([w.q_w, w.k_w, w.v_w]),
+               self.tensor_name(layer, self.o_proj): w.o_w}
+        if w.q_b is not None:
+            out[self.tensor_name(layer, self.qkv_proj, "bias")] = torch.cat([w.q_b, w.k_b, w.v_b])
+        return out
+
+
+@dataclass(frozen=True)
+class GPT2Adapter(AttentionAdapter):
+    """GPT-2: fused c_attn and c_proj are Conv1D (weight stored as in x out), learned positions."""
+
+    base_path: str = "transformer"
+    layers_path: str = "transformer.h"
+    attention_module: str = "attn"
+    rope_layout: str = "none"
+    kv_heads_key: str = "num_key_value_heads"
+    hosted: str | None = "gpt2"
+
+    def layout(self, config: Any) -> AttentionLayout:
+        heads = config.n_head
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return AttentionLayout(config.n_layer, heads, kv, config.n_embd // heads, config.n_embd)
+
+    def required(self, layer: int) -> list[str]:
+        return [self.tensor_name(layer, "attn.c_attn"), self.tensor_name(layer, "attn.c_proj")]
+
+    def read(self, reader, layer: int):
+        from .gqa import AttentionWeights
+
+        c_attn = reader.get(self.tensor_name(layer, "attn.c_attn")).T  # Conv1D -> Linear layout
+        bias = reader.get(self.tensor_name(layer, "attn.c_attn", "bias"))
+        o = reader.get(self.tensor_name(layer, "attn.c_proj")).T
+        q_rows = o.shape[1]
+        kv_rows = (c_attn.shape[0] - q_rows) // 2
+        q_w, k_w, v_w = c_attn.split([q_rows, kv_rows, kv_rows])
+        q_b, k_b, v_b = bias.split([q_rows, kv_rows, kv_rows])
+        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
+
+    def write(self, w, layer: int) -> dict:
+        import torch
+
+        return {self.tensor_name(layer, "attn.c_attn"): torch.cat([w.q_w, w.k_w, w.v_w]).T.contiguous(),
+                self.tensor_name(layer, "attn.c_attn", "bias"): torch.cat([w.q_b, w.k_b, w.v_b]),
+                self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous()}
+
+
+@dataclass(frozen=True)
+class BertAdapter(AttentionAdapter):
+    """BERT/RoBERTa encoders (AutoModel checkpoints): bidirectional, learned positions."""
+
+    base_path: str = ""
+    layers_path: str = "encoder.layer"
+    q_proj: str = "attention.self.query"
+    k_proj: str = "attention.self.key"
+    v_proj: str = "attention.self.value"
+    o_proj: str = "attention.output.dense"
+    attention_module: str = "attention"
+    rope_layout: str = "none"
+    model_kind: str = "base"
+    hosted: str | None = "bert"
 
 
 def text_config(config: Any) -> Any:
@@ -105,3 +258,7 @@ register_adapter(AttentionAdapter("gemma", ("gemma", "gemma2")))
 # Per-head q/k RMSNorm before RoPE.
 register_adapter(AttentionAdapter("qwen3", ("qwen3", "qwen3_moe"), qk_norm=True))
 register_adapter(AttentionAdapter("gemma3", ("gemma3_text",), qk_norm=True, qk_norm_offset=1.0))
+register_adapter(FusedQKVAdapter("phi3", ("phi3",)))
+# Transformers' classes ignore num_key_value_heads here: the output uses kvslim's hosted class.
+register_adapter(GPT2Adapter("gpt2", ("gpt2",)))
+register_adapter(BertAdapter("bert", ("bert",)))

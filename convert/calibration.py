@@ -11,6 +11,7 @@ a ModuleList, without re-implementing the model's forward.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 import torch
 from torch import nn
@@ -116,7 +117,14 @@ class _Passthrough(nn.Module):
             return getattr(super().__getattr__("wrapped"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
-        self._sink.append((args, kwargs))
+        # positional arguments (GPT-2 passes its mask that way) are recorded by name
+        params = inspect.signature(self.wrapped.forward).parameters
+        named = dict(inspect.signature(self.wrapped.forward).bind_partial(hidden_states, *args, **kwargs).arguments)
+        named.pop(next(iter(params)))  # the hidden states themselves
+        for p in params.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(p.name, {}))
+        self._sink.append((hidden_states, named))
         return hidden_states
 
 
@@ -124,32 +132,43 @@ class _StopForward(Exception):
     pass
 
 
-def meta_model(config) -> nn.Module:
-    """A model of `config` with weights on the meta device (buffers such as RoPE frequencies real)."""
+def meta_model(config, kind: str = "causal") -> nn.Module:
+    """A model of `config` with weights on the meta device (buffers such as RoPE frequencies real).
+    `kind`: "causal" (AutoModelForCausalLM) or "base" (AutoModel, e.g. encoders)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    import kvslim.modeling  # noqa: F401  (registers kvslim's hosted model classes)
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        return auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
     def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int = 8,
-                 device: str = "cpu", layers_attr: str = "layers"):
+                 device: str = "cpu", adapter=None, track_source: bool = False):
+        from .adapters import AttentionAdapter
+
+        adapter = adapter or AttentionAdapter("llama", ())
         self.source = source
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.model = meta_model(source.config)
-        self.base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-        self.layers: nn.ModuleList = getattr(self.base, layers_attr)
-        self.prefix = self._base_prefix()
-        self._materialise(self.base, exclude=layers_attr)
-        self.layer_kwargs = self._capture_layer_kwargs(input_ids)
-        with torch.no_grad():
-            embed = self.base.get_input_embeddings()
-            self.hidden = [embed(b.to(self.device)) for b in input_ids.split(batch_size)]
+        self.model = meta_model(source.config, adapter.model_kind)
+        self.base = self.model.get_submodule(adapter.base_path)
+        self.layers_path = adapter.layers_path
+        self.layers: nn.ModuleList = self.model.get_submodule(adapter.layers_path)
+        self.prefix = f"{adapter.base_path}." if adapter.base_path else ""
+        self._materialise(self.base, exclude=adapter.layers_path[len(self.prefix):])
+        # what the model gives each layer (masks, positions), and layer 0's input: the embeddings,
+        # learned positions included, for every calibration batch
+        self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
+        # The unconverted model's hidden states at the current layer, when asked for: refinement
+        # targets the source's outputs on the source's own inputs, so each converted layer also
+        # corrects the drift the layers before it left.
+        self.source_hidden = list(self.hidden) if track_source else None
 
     def _base_prefix(self) -> str:
         for name, module in self.model.named_modules():
@@ -175,23 +194,28 @@ class LayerwiseRunner:
                 raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32))
 
-    def _capture_layer_kwargs(self, input_ids: torch.Tensor) -> list[dict]:
+    def _capture_layer_inputs(self, input_ids: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
         sink: list = []
         originals = list(self.layers)
         for i, layer in enumerate(originals):
             self.layers[i] = _Passthrough(layer, sink)
+        kwargs, hidden = None, []
         try:
             with torch.no_grad():
-                self.base(input_ids=input_ids[: self.batch_size].to(self.device), use_cache=False)
+                for batch in input_ids.split(self.batch_size):
+                    sink.clear()
+                    self.base(input_ids=batch.to(self.device), use_cache=False)
+                    if len(sink) != len(originals):
+                        raise ConversionError("Could not capture the decoder layers' inputs for calibration.")
+                    hidden.append(sink[0][0])
+                    kwargs = kwargs or [named for _, named in sink]
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
-        if len(sink) != len(originals):
-            raise ConversionError("Could not capture the decoder layers' inputs for calibration.")
-        return [kwargs for _, kwargs in sink]
+        return kwargs, hidden
 
     def layer_prefix(self, index: int) -> str:
-        return f"{self.prefix}layers.{index}."
+        return f"{self.layers_path}.{index}."
 
     @contextlib.contextmanager
     def loaded_layer(self, index: int, layer: nn.Module | None = None,
@@ -211,9 +235,10 @@ class LayerwiseRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def _each_attention_input(self, index: int, attention_module: str, visit) -> None:
+    def _each_attention_input(self, index: int, attention_module: str, visit, stream: str = "converted") -> None:
         """Call visit(x, kwargs) with the input of layer `index`'s attention for every calibration
-        batch; the rest of the layer is skipped."""
+        batch (of the converted model's stream, or the source's); the rest of the layer is skipped."""
+        hidden = self.hidden if stream == "converted" else self.source_hidden
 
         def hook(module, args, kwargs):
             visit(kwargs.get("hidden_states", args[0] if args else None), kwargs)
@@ -222,7 +247,7 @@ class LayerwiseRunner:
         with self.loaded_layer(index) as layer:
             handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
             try:
-                for h in self.hidden:
+                for h in hidden:
                     with contextlib.suppress(_StopForward):
                         self._call(layer, index, h)
             finally:
@@ -241,7 +266,8 @@ class LayerwiseRunner:
         self._each_attention_input(index, attention_module, visit)
         return acc["m"] / acc["n"]
 
-    def attention_inputs(self, index: int, attention_module: str) -> tuple[list[torch.Tensor], dict]:
+    def attention_inputs(self, index: int, attention_module: str,
+                         stream: str = "converted") -> tuple[list[torch.Tensor], dict]:
         """The attention inputs of layer `index` per calibration batch, and the other arguments
         the layer passes its attention module (rotary embeddings, mask)."""
         inputs: list[torch.Tensor] = []
@@ -251,7 +277,7 @@ class LayerwiseRunner:
             inputs.append(x)
             call.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
-        self._each_attention_input(index, attention_module, visit)
+        self._each_attention_input(index, attention_module, visit, stream)
         call.pop("past_key_values", None)
         call.pop("past_key_value", None)
         return inputs, call
@@ -263,3 +289,6 @@ class LayerwiseRunner:
         `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
         with self.loaded_layer(index, layer, overrides) as loaded:
             self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
+        if self.source_hidden is not None:
+            with self.loaded_layer(index) as source:
+                self.source_hidden = [self._call(source, index, h) for h in self.source_hidden]

@@ -84,13 +84,31 @@ def check_groups(groups: list[list[int]], num_heads: int) -> None:
 
 
 def pair_indices(head_dim: int, rope_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the real and imaginary dimension of each RoPE frequency pair."""
-    if rope_layout == "half":
-        half = head_dim // 2
-        return torch.arange(half), torch.arange(half, head_dim)
-    if rope_layout == "interleaved":
-        return torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)
+    """Indices of the real and imaginary dimension of each RoPE frequency pair.
+
+    Layouts: "half" (dim f pairs with f + hd/2), "interleaved" (2f with 2f+1), "none" (no RoPE:
+    learned or no positions), and "half:R" for partial rotary (GPT-NeoX, Phi): the first R dims
+    rotate in the half convention, the rest carry no position.
+    """
+    if rope_layout == "none":
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    name, _, rotary = rope_layout.partition(":")
+    dims = int(rotary) if rotary else head_dim
+    if name == "half":
+        half = dims // 2
+        return torch.arange(half), torch.arange(half, dims)
+    if name == "interleaved":
+        return torch.arange(0, dims, 2), torch.arange(1, dims, 2)
     raise ValueError(f"unknown rope layout {rope_layout!r}")
+
+
+def free_indices(head_dim: int, rope_layout: str) -> torch.Tensor:
+    """Head dims that RoPE does not rotate (all of them without RoPE)."""
+    re, im = pair_indices(head_dim, rope_layout)
+    rotated = torch.zeros(head_dim, dtype=torch.bool)
+    rotated[re] = rotated[im] = True
+    return torch.nonzero(~rotated)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +218,19 @@ def merge_values_aware(
     return (shared_t * t).T, maps / t[None, :, None]
 
 
+def merge_keys_free(
+    k_members: torch.Tensor, q_members: torch.Tensor, cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared key weights (n, D) for head dims RoPE does not rotate, and per-member maps (r, n, n).
+
+    Without rotation any matrix passes into the query: q_i . k_i = (M_i q_i) . k_g when
+    k_i ~ M_i^T k_g. The score error q_i . (k_i - M_i^T k_g) is the value merge's problem with the
+    query's second moment E[q_i q_i^T] in place of the o_proj Gram, so it is solved the same way.
+    """
+    roots = torch.stack([_sym_sqrt(qi @ cov @ qi.T)[0] for qi in q_members])  # (r, n, n), root^T root = E[q q^T]
+    return merge_values_aware(k_members, roots, cov)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -249,7 +280,12 @@ def convert_attention(
         cov = torch.eye(d + 1, dtype=f64)
     cov = cov.to(f64)
     re, im = pair_indices(hd, rope_layout)
+    free = free_indices(hd, rope_layout)
+    rotated = torch.ones(hd, dtype=torch.bool)
+    rotated[free] = False
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
+    if q_norm is not None and len(free):
+        raise ConversionError("q/k-norm models with un-rotated head dims are not supported.")
     energy = query_energy(q, cov, re, im, q_norm) if method == "aware" else None
 
     size = nh // kv_heads
@@ -263,11 +299,18 @@ def convert_attention(
             new_k.append(k[sl].mean(0))
             new_v.append(v[sl].mean(0))
         else:
-            kc = _to_complex(k[sl], re, im)
-            shared_k, folds = merge_keys_aware(kc, energy[sl], cov, phase_only=q_norm is not None)
-            new_k.append(_from_complex(shared_k, re, im, hd))
-            qc = _to_complex(q[sl], re, im) * folds.conj()[:, :, None]
-            q[sl] = _from_complex(qc, re, im, hd)
+            shared_k = torch.zeros_like(k[sl][0])
+            if len(re):
+                kc = _to_complex(k[sl], re, im)
+                shared_c, folds = merge_keys_aware(kc, energy[sl], cov, phase_only=q_norm is not None)
+                shared_k[torch.cat([re, im])] = _from_complex(shared_c, re, im, hd)[torch.cat([re, im])]
+                qc = _to_complex(q[sl], re, im) * folds.conj()[:, :, None]
+                q[sl] = torch.where(rotated[None, :, None], _from_complex(qc, re, im, hd), q[sl])
+            if len(free):
+                shared_free, maps = merge_keys_free(k[sl][:, free], q[sl][:, free], cov)
+                shared_k[free] = shared_free
+                q[sl][:, free] = torch.einsum("rjk,rkd->rjd", maps, q[sl][:, free])
+            new_k.append(shared_k)
             shared_v, maps = merge_values_aware(v[sl], o[sl], cov)
             new_v.append(shared_v)
             o[sl] = torch.einsum("rok,rjk->roj", o[sl], maps)  # Wo_i <- Wo_i M_i^T
@@ -323,10 +366,21 @@ def pairwise_merge_cost(
     kc = _to_complex(k, re, im) * s[:, :, None]
     k_gram = torch.einsum("afd,de,bfe->fab", kc.conj(), cov.to(kc.dtype), kc)  # (F, nh, nh)
     k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
-    yb = torch.stack([vi.T @ _sym_sqrt(oi.T @ oi)[0] for vi, oi in zip(v, o)])  # (nh, D, hd)
-    v_gram = torch.einsum("adk,de,bel->abkl", yb, cov, yb)  # (nh, nh, hd, hd)
+    free = free_indices(hd, rope_layout)
+
+    def subspace_gram(members, weights_sqrt):  # (nh, nh, n, n): cross-covariances of weighted outputs
+        yb = torch.stack([m.T @ w for m, w in zip(members, weights_sqrt)])  # (nh, D, n)
+        return torch.einsum("adk,de,bel->abkl", yb, cov, yb)
+
+    def residual(gram, a, b):  # energy outside the best shared subspace of one head's size
+        n = gram.shape[-1]
+        block = torch.cat([torch.cat([gram[a, a], gram[a, b]], 1), torch.cat([gram[b, a], gram[b, b]], 1)], 0)
+        return torch.linalg.eigvalsh(block)[:n].clamp(min=0).sum()
+
+    v_gram = subspace_gram(v, [_sym_sqrt(oi.T @ oi)[0] for oi in o])
     v_total = torch.einsum("aakk->", v_gram)
-    k_total = k_diag.sum()
+    kf_gram = subspace_gram(k[:, free], [_sym_sqrt(qi @ cov @ qi.T)[0] for qi in q[:, free]]) if len(free) else None
+    k_total = k_diag.sum() + (torch.einsum("aakk->", kf_gram) if kf_gram is not None else 0)
     cost = torch.zeros(nh, nh, dtype=f64)
     for a in range(nh):
         for b in range(a + 1, nh):
@@ -334,10 +388,9 @@ def pairwise_merge_cost(
             tr = k_diag[:, a] + k_diag[:, b]
             det = k_diag[:, a] * k_diag[:, b] - k_gram[:, a, b].abs() ** 2
             k_res = (tr / 2 - ((tr / 2) ** 2 - det).clamp(min=0).sqrt()).sum()
-            block = torch.cat(
-                [torch.cat([v_gram[a, a], v_gram[a, b]], 1), torch.cat([v_gram[b, a], v_gram[b, b]], 1)], 0
-            )
-            v_res = torch.linalg.eigvalsh(block)[:hd].clamp(min=0).sum()
+            if kf_gram is not None:
+                k_res = k_res + residual(kf_gram, a, b)
+            v_res = residual(v_gram, a, b)
             cost[a, b] = cost[b, a] = k_res / k_total.clamp(min=1e-30) + v_res / v_total.clamp(min=1e-30)
     return cost
 

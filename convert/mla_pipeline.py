@@ -68,7 +68,7 @@ def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], que
 def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
                 kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
                 refine_steps, refine_lr, out_dtype, device, progress, started, save):
-    from .pipeline import _attention_tensors, _cast, _read_attention, _refine
+    from .pipeline import _cast, _refine
 
     if src.model_type not in MLA_SOURCES:
         raise ConversionError(
@@ -99,7 +99,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len,
                         getattr(tokenizer, "bos_token_id", None), min_num=min(8, calib_samples))
     record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
-    runner = LayerwiseRunner(src, ids, device=device)
+    runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
 
     # Pass 1 (source stream): choose one RoPE frequency progression for all layers, because
     # DeepseekV3 has a single rotary embedding.
@@ -109,7 +109,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     probe.hidden = list(runner.hidden)
     for i in tqdm(range(layout.num_layers), desc="MLA: choosing RoPE frequencies", unit="layer", disable=not progress):
         cov = probe.attention_input_moment(i, adapter.attention_module)
-        gains += _frequency_gain(_read_attention(src, adapter, i), layout, theta, cov, rope_strategy, calib_seq_len,
+        gains += _frequency_gain(adapter.read(src.reader, i), layout, theta, cov, rope_strategy, calib_seq_len,
                                  adapter.rope_layout)
         probe.advance(i, source_layers[i], {})
     del probe
@@ -125,7 +125,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
                   "rope_frequencies": {"start": window[0], "stride": window[1]}, "context_for_beta": calib_seq_len,
                   "query_bias_via_q_lora": query_bias}
     record.kv_bytes_per_token_after = mla_kv_bytes(
-        layout.num_layers, shape, out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj)))
+        layout.num_layers, shape, out_dtype or src.reader.dtype(adapter.required(0)[0]))
 
     scaling = layout.head_dim ** -0.5
     with out as tmp:
@@ -137,7 +137,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
         errors = []
         for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {shape.kv_rank}, rope {shape.rope_dim})",
                       unit="layer", disable=not progress):
-            weights = _read_attention(src, adapter, i)
+            weights = adapter.read(src.reader, i)
             cov = runner.attention_input_moment(i, adapter.attention_module)
             layer = convert_attention_mla(weights, layout, shape, theta, cov=cov, init=init, rope_strategy=rope_strategy,
                                           context=calib_seq_len, source_scaling=scaling, rope_layout=adapter.rope_layout,
@@ -151,7 +151,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
                                          frozen=ANCHORED)
                 errors.append(round(err, 6))
             runner.advance(i, target_layers[i], {k: v.float() for k, v in converted.items()}, call=call)
-            source_attn = set(_attention_tensors(weights, adapter, i))
+            source_attn = set(adapter.write(weights, i))
             for name in src.layer_names(adapter.prefix(i)):
                 if name not in source_attn and not name.startswith(attn_prefix):
                     writer.add(name, _cast(src.reader.get(name), out_dtype))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 from .adapters import AttentionAdapter, get_adapter
 from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, token_windows
 from .errors import ConversionError
-from .gqa import METHODS, AttentionWeights, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
+from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .sources import CheckpointSource, open_source
 from .writer import AtomicDirectory, ShardedWriter
 
@@ -147,8 +146,7 @@ def convert(
     regroup = regroup and merging and 1 < target_kv
     calibrate = method == "aware" and merging
 
-    first_attn = adapter.tensor_name(0, adapter.q_proj)
-    weight_dtype = out_dtype or src.reader.dtype(first_attn)
+    weight_dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
     record = ConversionRecord(
         source=source, target=to, method=method if merging else "replicate" if target_kv > layout.num_kv_heads else "identity",
         architecture=src.model_type, num_layers=layout.num_layers, num_heads=layout.num_heads,
@@ -174,11 +172,11 @@ def convert(
         ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples))
         record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len,
                               "tokens": int(ids.numel())}
-        runner = LayerwiseRunner(src, ids, device=device)
-        target_config = copy.deepcopy(src.config)
-        adapter.set_kv_heads(target_config, target_kv)
-        target_layers = list(meta_model(target_config).model.layers)
+        runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
+        target = meta_model(adapter.target_config(src.config, target_kv), adapter.model_kind)
+        target_layers = list(target.get_submodule(adapter.layers_path))
 
+    rope = adapter.rope(src.config)
     with out as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         layer_prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
@@ -189,15 +187,15 @@ def convert(
         bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {target_kv} KV heads)",
                    unit="layer", disable=not progress)
         for i in bar:
-            weights = _read_attention(src, adapter, i)
+            weights = adapter.read(src.reader, i)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             groups = None
             if regroup:
-                groups = plan_groups(pairwise_merge_cost(weights, layout, cov, adapter.rope_layout), target_kv)
+                groups = plan_groups(pairwise_merge_cost(weights, layout, cov, rope), target_kv)
                 groups_log.append(groups)
             new = convert_attention(weights, layout, target_kv, method if merging else "mean",
-                                    groups=groups, cov=cov, rope_layout=adapter.rope_layout)
-            converted = _attention_tensors(new, adapter, i)
+                                    groups=groups, cov=cov, rope_layout=rope)
+            converted = adapter.write(new, i)
             if runner and refine_steps:
                 converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr)
                 refine_log.append(round(err, 6))
@@ -214,13 +212,16 @@ def convert(
             record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": refine_log}
         writer.close()
 
-        config = copy.deepcopy(src.config)
-        adapter.set_kv_heads(config, target_kv)
+        config = adapter.target_config(src.config, target_kv)
         if out_dtype is not None:
             config.dtype = out_dtype
         record.seconds = round(time.perf_counter() - started, 2)
         config.kvslim = record.to_dict()
         config.save_pretrained(str(tmp))
+        if adapter.hosted:  # the modeling file travels with the checkpoint (auto_map)
+            from ..modeling.hosted import save_modeling_file
+
+            save_modeling_file(adapter.hosted, tmp)
         src.save_side_files(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
     return record
@@ -229,7 +230,7 @@ def convert(
 def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_shard_bytes, **kwargs):
     from .mla_pipeline import convert_mla
 
-    weight_dtype = out_dtype or src.reader.dtype(adapter.tensor_name(0, adapter.q_proj))
+    weight_dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
     record = ConversionRecord(
         source=source, target="mla", method="mla", architecture=src.model_type, num_layers=layout.num_layers,
         num_heads=layout.num_heads, head_dim=layout.head_dim, kv_heads_before=layout.num_kv_heads,
@@ -257,10 +258,16 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
     f32 = {k: v.float() for k, v in converted.items()}
+    # the source's output on its own (undrifted) inputs, when the runner tracks them
+    clean = runner.attention_inputs(index, adapter.attention_module, "source")[0] if runner.source_hidden else None
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
-        err = refine_attention(target.get_submodule(adapter.attention_module),
-                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
-                               target_call=target_call, frozen=frozen)
+        source_attention = source.get_submodule(adapter.attention_module)
+        wanted = None
+        if clean is not None:
+            with torch.no_grad():
+                wanted = [source_attention(hidden_states=x, **call)[0] for x in clean]
+        err = refine_attention(target.get_submodule(adapter.attention_module), source_attention, inputs, call,
+                               steps, lr, target_call=target_call, frozen=frozen, wanted=wanted)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().clone()
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
@@ -284,40 +291,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers: int) -> None:
     keys = src.reader.keys()
     for i in range(num_layers):
-        for module in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj):
-            name = adapter.tensor_name(i, module)
+        for name in adapter.required(i):
             if name not in keys:
                 raise ConversionError(
                     f"The checkpoint has no tensor '{name}': its weights do not match its config "
                     f"(model_type '{src.model_type}')."
                 )
-
-
-def _read_attention(src: CheckpointSource, adapter: AttentionAdapter, layer: int) -> AttentionWeights:
-    keys = src.reader.keys()
-
-    def get(module: str, kind: str = "weight") -> torch.Tensor | None:
-        name = adapter.tensor_name(layer, module, kind)
-        return src.reader.get(name) if name in keys else None
-
-    q_norm = get(adapter.q_norm) if adapter.qk_norm else None
-    if q_norm is not None and adapter.qk_norm_offset:
-        q_norm = q_norm.float() + adapter.qk_norm_offset
-    return AttentionWeights(
-        q_w=get(adapter.q_proj), k_w=get(adapter.k_proj), v_w=get(adapter.v_proj), o_w=get(adapter.o_proj),
-        q_b=get(adapter.q_proj, "bias"), k_b=get(adapter.k_proj, "bias"), v_b=get(adapter.v_proj, "bias"),
-        q_norm=q_norm,
-    )
-
-
-def _attention_tensors(w: AttentionWeights, adapter: AttentionAdapter, layer: int) -> dict[str, torch.Tensor]:
-    out = {
-        adapter.tensor_name(layer, adapter.q_proj): w.q_w,
-        adapter.tensor_name(layer, adapter.k_proj): w.k_w,
-        adapter.tensor_name(layer, adapter.v_proj): w.v_w,
-        adapter.tensor_name(layer, adapter.o_proj): w.o_w,
-    }
-    for module, bias in ((adapter.q_proj, w.q_b), (adapter.k_proj, w.k_b), (adapter.v_proj, w.v_b)):
-        if bias is not None:
-            out[adapter.tensor_name(layer, module, "bias")] = bias
-    return out

@@ -11,3 +11,6 @@ from .attention import IMPLEMENTATION, AbsorbedMLAAttention, choose_backend, dis
 
 register()
 __all__ += ["IMPLEMENTATION", "AbsorbedMLAAttention", "choose_backend", "disable", "enable", "kvslim_sdpa_attention", "register"]
+from .hosted import register as _register_hosted  # noqa: E402
+
+_register_hosted()

@@ -6,8 +6,7 @@ import errno
 import json
 
 import pytest
-import torch
-from conftest import load, logits, make_model
+from conftest import load, make_model
 from typer.testing import CliRunner
 
 from kvslim.cli import app
@@ -110,11 +109,11 @@ def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_unsupported_architecture_names_supported_ones(save_model, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    src = save_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=320)), "gpt2")
+    src = save_model(BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=4, vocab_size=320)), "bloom")
     out = tmp_path / "out"
-    assert_refused(run("convert", src, "-o", out, "--to", "mqa"), "Unsupported architecture 'gpt2'",
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa"), "Unsupported architecture 'bloom'",
                    "llama", "qwen3", out=out, tmp_path=tmp_path)
 
 

@@ -1,0 +1,49 @@
+"""Model classes kvslim hosts for architectures whose Transformers class cannot express the
+converted attention (GPT-2 and BERT ignore `num_key_value_heads`).
+
+Each lives in one self-contained modeling file that is also copied next to the checkpoints it
+describes (config `auto_map`), so they load with `trust_remote_code=True` without kvslim. Importing
+kvslim registers them with the Auto classes, so no remote code is needed where kvslim is installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from . import modeling_kvslim_bert, modeling_kvslim_gpt2
+
+HERE = Path(__file__).resolve().parent
+# name -> (module, config class, {auto class: model class})
+HOSTED = {
+    "gpt2": (modeling_kvslim_gpt2, "KvslimGPT2Config",
+             {"AutoModel": "KvslimGPT2Model", "AutoModelForCausalLM": "KvslimGPT2LMHeadModel"}),
+    "bert": (modeling_kvslim_bert, "KvslimBertConfig", {"AutoModel": "KvslimBertModel"}),
+}
+_AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}
+
+
+def register() -> None:
+    for module, config_name, models in HOSTED.values():
+        config_class = getattr(module, config_name)
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto, model_name in models.items():
+            _AUTO[auto].register(config_class, getattr(module, model_name), exist_ok=True)
+
+
+def hosted_config(name: str, source_config, kv_heads: int):
+    """The hosted class's config for `source_config` with `kv_heads` KV heads (auto_map included)."""
+    module, config_name, models = HOSTED[name]
+    config_class = getattr(module, config_name)
+    values = {k: v for k, v in source_config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
+    config = config_class(**{**values, "num_key_value_heads": kv_heads})
+    stem = Path(module.__file__).stem
+    config.auto_map = {"AutoConfig": f"{stem}.{config_name}", **{a: f"{stem}.{m}" for a, m in models.items()}}
+    config.architectures = [models.get("AutoModelForCausalLM", models["AutoModel"])]
+    return config
+
+
+def save_modeling_file(name: str, directory: Path) -> None:
+    shutil.copy2(Path(HOSTED[name][0].__file__), Path(directory) / Path(HOSTED[name][0].__file__).name)

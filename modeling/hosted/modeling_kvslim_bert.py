@@ -1,0 +1,80 @@
+"""BERT with grouped-query attention, as written by kvslim.
+
+Transformers' BERT ignores `num_key_value_heads`, so a BERT encoder converted to GQA/MQA needs this
+class: BERT whose `key`/`value` projections produce `num_key_value_heads` heads, each read by its
+group of query heads. Attention stays bidirectional; everything else is BERT.
+
+This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
+(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import BertSelfAttention
+
+
+class KvslimBertConfig(BertConfig):
+    model_type = "kvslim_bert"
+
+    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                             f"num_attention_heads ({self.num_attention_heads}).")
+
+
+def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference attention for any KV head count: each KV head serves its group of query heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class KvslimBertSelfAttention(BertSelfAttention):
+    """BERT self-attention with `num_key_value_heads` KV heads."""
+
+    def __init__(self, config: KvslimBertConfig, is_causal: bool = False, layer_idx: int | None = None):
+        super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads  # SDPA's native GQA
+        kv = self.num_key_value_heads * self.attention_head_size
+        self.key = nn.Linear(config.hidden_size, kv)
+        self.value = nn.Linear(config.hidden_size, kv)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        if past_key_values is not None:
+            cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+            key, value = cache.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
+        return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
+
+
+class KvslimBertModel(BertModel):
+    config_class = KvslimBertConfig
+
+    def __init__(self, config: KvslimBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        for i, layer in enumerate(self.encoder.layer):
+            layer.attention.self = KvslimBertSelfAttention(config, is_causal=config.is_decoder, layer_idx=i)
+        self.post_init()
+
+
+KvslimBertConfig.register_for_auto_class()
+KvslimBertModel.register_for_auto_class("AutoModel")

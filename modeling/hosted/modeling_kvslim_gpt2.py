@@ -1,0 +1,97 @@
+"""GPT-2 with grouped-query attention, as written by kvslim.
+
+Transformers' GPT-2 ignores `num_key_value_heads`, so a GPT-2 converted to GQA/MQA needs this class:
+GPT-2 with a narrower fused `c_attn` (query heads, then `num_key_value_heads` key and value heads)
+and attention that reads each KV head from its query group. Everything else is GPT-2.
+
+This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
+(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.pytorch_utils import Conv1D
+
+
+class KvslimGPT2Config(GPT2Config):
+    model_type = "kvslim_gpt2"
+
+    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_key_value_heads = num_key_value_heads or self.n_head
+        if self.n_head % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide n_head ({self.n_head}).")
+        if self.add_cross_attention:
+            raise ValueError("kvslim's GPT-2 has no cross-attention.")
+
+
+def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference attention for any KV head count: each KV head serves its group of query heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1).type(value.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+class KvslimGPT2Attention(GPT2Attention):
+    """GPT-2 self-attention with `num_key_value_heads` KV heads."""
+
+    def __init__(self, config: KvslimGPT2Config, layer_idx: int | None = None):
+        super().__init__(config, is_cross_attention=False, layer_idx=layer_idx)
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by SDPA for native GQA
+        kv = self.num_key_value_heads * self.head_dim
+        self.split_size = [self.embed_dim, kv, kv]
+        self.c_attn = Conv1D(self.embed_dim + 2 * kv, self.embed_dim)
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+        kwargs.pop("encoder_hidden_states", None)
+        kwargs.pop("encoder_attention_mask", None)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in self.c_attn(hidden_states).split(self.split_size, dim=2))
+        if past_key_values is not None:
+            cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+            key, value = cache.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
+        out = out.reshape(*out.shape[:-2], -1).contiguous()
+        return self.resid_dropout(self.c_proj(out)), weights
+
+
+def _use_gqa_attention(blocks: nn.ModuleList, config: KvslimGPT2Config) -> None:
+    for i, block in enumerate(blocks):
+        block.attn = KvslimGPT2Attention(config, layer_idx=i)
+
+
+class KvslimGPT2Model(GPT2Model):
+    config_class = KvslimGPT2Config
+
+    def __init__(self, config: KvslimGPT2Config):
+        super().__init__(config)
+        _use_gqa_attention(self.h, config)
+        self.post_init()
+
+
+class KvslimGPT2LMHeadModel(GPT2LMHeadModel):
+    config_class = KvslimGPT2Config
+
+    def __init__(self, config: KvslimGPT2Config):
+        super().__init__(config)
+        _use_gqa_attention(self.transformer.h, config)
+        self.post_init()
+
+
+KvslimGPT2Config.register_for_auto_class()
+KvslimGPT2Model.register_for_auto_class("AutoModel")
+KvslimGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,233 @@
+"""Architectures beyond Llama: GPT-2 and BERT (kvslim-hosted classes), Phi-3 (fused qkv, plain class).
+
+Per architecture: identity and replication are exact; merging heads that only differ by maps the
+aware merge can fold is exact (mean cannot); outputs reload with kvslim imported and with only
+`trust_remote_code=True` in a fresh interpreter (kvslim blocked); generate works with the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvslim
+
+IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
+
+
+def gpt2(heads=4, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=heads, vocab_size=320, n_positions=128, bos_token_id=1,
+                        eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def bert(heads=4, seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=heads, intermediate_size=96,
+                        vocab_size=320, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertModel(config).eval()
+
+
+def phi3(heads=4, kv_heads=4, seed=0, **extra):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        intermediate_size=96, vocab_size=320, max_position_embeddings=128, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, **extra)
+    return Phi3ForCausalLM(config).eval()
+
+
+def outputs(model, ids=IDS, mask=None):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def load(path, kind="causal", **kwargs):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    return auto.from_pretrained(str(path), attn_implementation="eager", **kwargs).eval()
+
+
+def _heads(w: torch.Tensor, heads: int) -> torch.Tensor:
+    return w.view(heads, -1, *w.shape[1:])
+
+
+def make_groups_foldable(attn_qkvo, heads: int, group: int, seed: int = 0) -> None:
+    """Within each group of `group` heads, give every head the group's first key/value up to an
+    invertible per-head map, compensated in its query / output weights, so the model's function
+    stays that of a valid MHA while K/V differ per head (what an aware merge can undo exactly).
+    `attn_qkvo` returns Linear-layout views (q_w, q_b, k_w, k_b, v_w, v_b, o_w) to edit in place."""
+    g = torch.Generator().manual_seed(seed)
+    q_w, q_b, k_w, k_b, v_w, v_b, o_w = attn_qkvo()
+    hd = q_w.shape[0] // heads
+    with torch.no_grad():
+        for h in range(heads):
+            lead = h - h % group
+            if h == lead:
+                continue
+            a = torch.eye(hd) + 0.3 * torch.randn(hd, hd, generator=g)  # k_h = a k_lead, q_h <- a^-T q_h
+            c = torch.eye(hd) + 0.3 * torch.randn(hd, hd, generator=g)  # v_h = c v_lead, o_h <- o_h c^-1
+            rows, lead_rows = slice(h * hd, (h + 1) * hd), slice(lead * hd, (lead + 1) * hd)
+            k_w[rows] = a @ k_w[lead_rows]
+            k_b[rows] = a @ k_b[lead_rows]
+            q_w[rows] = torch.linalg.inv(a).T @ q_w[rows]
+            q_b[rows] = torch.linalg.inv(a).T @ q_b[rows]
+            v_w[rows] = c @ v_w[lead_rows]
+            v_b[rows] = c @ v_b[lead_rows]
+            o_w[:, rows] = o_w[:, rows] @ torch.linalg.inv(c)
+
+
+def gpt2_views(model, layer):
+    attn = model.transformer.h[layer].attn
+    w, b = attn.c_attn.weight.data.T, attn.c_attn.bias.data  # views into the Conv1D storage
+    e = w.shape[1]
+    return (w[:e], b[:e], w[e:2 * e], b[e:2 * e], w[2 * e:], b[2 * e:], attn.c_proj.weight.data.T)
+
+
+def bert_views(model, layer):
+    s = model.encoder.layer[layer].attention.self
+    o = model.encoder.layer[layer].attention.output.dense
+    return (s.query.weight.data, s.query.bias.data, s.key.weight.data, s.key.bias.data, s.value.weight.data,
+            s.value.bias.data, o.weight.data)
+
+
+def fresh_interpreter_outputs(path, kind: str, tmp_path) -> torch.Tensor:
+    """Load `path` with trust_remote_code=True in a new Python where importing kvslim fails."""
+    out = tmp_path / f"remote-{kind}.pt"
+    code = f"""
+import sys, torch
+sys.modules["kvslim"] = None  # kvslim is not available here
+from transformers import AutoModel, AutoModelForCausalLM
+auto = AutoModelForCausalLM if {kind!r} == "causal" else AutoModel
+model = auto.from_pretrained({str(path)!r}, trust_remote_code=True, attn_implementation="eager").eval()
+assert "kvslim" not in type(model).__module__.split(".")[0]
+ids = torch.tensor({IDS.tolist()})
+with torch.no_grad():
+    o = model(input_ids=ids)
+torch.save((o.logits if hasattr(o, "logits") else o.last_hidden_state, type(model).__name__), {str(out)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result, name = torch.load(out)
+    assert name.startswith("Kvslim")
+    return result
+
+
+# ---- GPT-2 --------------------------------------------------------------------------------------
+
+
+def test_gpt2_identity_and_foldable_merge_are_exact_and_reload_both_ways(save_model, tmp_path, text_file):
+    model = gpt2()
+    src = save_model(model, "gpt2")
+    kvslim.convert(str(src), tmp_path / "same", to="mha", progress=False)
+    same = load(tmp_path / "same")
+    assert type(same).__name__ == "KvslimGPT2LMHeadModel"
+    torch.testing.assert_close(outputs(same), outputs(model), rtol=0, atol=1e-5)
+
+    for layer in range(2):
+        make_groups_foldable(lambda: gpt2_views(model, layer), heads=4, group=2, seed=layer)
+    src = save_model(model, "gpt2-foldable")
+    kvslim.convert(str(src), tmp_path / "aware", to="gqa", kv_heads=2, calib_data=str(text_file), regroup=False, **CALIB)
+    kvslim.convert(str(src), tmp_path / "mean", to="gqa", kv_heads=2, method="mean", progress=False)
+    aware, mean = load(tmp_path / "aware"), load(tmp_path / "mean")
+    assert aware.config.num_key_value_heads == 2
+    assert aware.transformer.h[0].attn.c_attn.weight.shape == (64, 64 + 2 * 2 * 16)
+    torch.testing.assert_close(outputs(aware), outputs(model), rtol=1e-4, atol=1e-4)
+    assert (outputs(mean) - outputs(model)).abs().max() > 1e-2  # mean-pooling cannot undo the maps
+
+    config = json.loads((tmp_path / "aware" / "config.json").read_text())
+    assert config["model_type"] == "kvslim_gpt2" and "AutoModelForCausalLM" in config["auto_map"]
+    assert (tmp_path / "aware" / "modeling_kvslim_gpt2.py").is_file()
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "aware", "causal", tmp_path), outputs(aware),
+                               rtol=0, atol=1e-5)
+
+
+def test_gpt2_mqa_generate_sdpa_and_padding(save_model, tmp_path):
+    src = save_model(gpt2(), "gpt2")
+    kvslim.convert(str(src), tmp_path / "mqa", to="mqa", method="mean", progress=False)
+    eager = load(tmp_path / "mqa")
+    from transformers import AutoModelForCausalLM
+
+    sdpa = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mqa"), attn_implementation="sdpa").eval()
+    torch.testing.assert_close(outputs(sdpa), outputs(eager), rtol=1e-4, atol=1e-5)
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0  # left padding
+    torch.testing.assert_close(outputs(sdpa, mask=mask)[mask.bool()], outputs(eager, mask=mask)[mask.bool()],
+                               rtol=1e-4, atol=1e-5)
+    generated = sdpa.generate(IDS[:1], max_new_tokens=6, do_sample=False)
+    ids = IDS[:1]
+    for _ in range(6):  # the same tokens without a cache, one full forward per step
+        ids = torch.cat([ids, outputs(eager, ids)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+    assert sdpa.transformer.h[0].attn.c_attn.weight.shape[1] == 64 + 2 * 16  # one KV head
+
+
+# ---- BERT ---------------------------------------------------------------------------------------
+
+
+def test_bert_encoder_conversions_are_exact_where_they_should_be(save_model, tmp_path, text_file):
+    model = bert()
+    src = save_model(model, "bert")
+    kvslim.convert(str(src), tmp_path / "same", to="mha", progress=False)
+    same = load(tmp_path / "same", "base")
+    assert type(same).__name__ == "KvslimBertModel"
+    mask = torch.ones_like(IDS)
+    mask[1, -4:] = 0  # padded encoder batch
+    torch.testing.assert_close(outputs(same, mask=mask), outputs(model, mask=mask), rtol=0, atol=1e-5)
+
+    for layer in range(2):
+        make_groups_foldable(lambda: bert_views(model, layer), heads=4, group=4, seed=layer)
+    src = save_model(model, "bert-foldable")
+    kvslim.convert(str(src), tmp_path / "mqa", to="mqa", calib_data=str(text_file), **CALIB)
+    kvslim.convert(str(src), tmp_path / "mean", to="mqa", method="mean", progress=False)
+    mqa = load(tmp_path / "mqa", "base")
+    assert mqa.encoder.layer[0].attention.self.key.weight.shape == (16, 64)
+    torch.testing.assert_close(outputs(mqa, mask=mask), outputs(model, mask=mask), rtol=1e-4, atol=1e-4)
+    assert (outputs(load(tmp_path / "mean", "base")) - outputs(model)).abs().max() > 1e-2
+    from transformers import AutoModel
+
+    sdpa = AutoModel.from_pretrained(str(tmp_path / "mqa"), attn_implementation="sdpa").eval()
+    torch.testing.assert_close(outputs(sdpa, mask=mask)[mask.bool()], outputs(mqa, mask=mask)[mask.bool()],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "mqa", "base", tmp_path), outputs(mqa),
+                               rtol=0, atol=1e-5)
+
+
+# ---- Phi-3 (Transformers' own class expresses GQA: the output stays a plain Phi-3) ---------------
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_phi3_fused_qkv(save_model, tmp_path, text_file, partial):
+    model = phi3(heads=4, kv_heads=2, partial_rotary_factor=partial)
+    src = save_model(model, "phi3")
+    kvslim.convert(str(src), tmp_path / "mha", to="mha", progress=False)
+    mha = load(tmp_path / "mha")
+    assert type(mha).__name__ == "Phi3ForCausalLM" and mha.config.num_key_value_heads == 4
+    torch.testing.assert_close(outputs(mha), outputs(model), rtol=0, atol=1e-5)
+    kvslim.convert(str(src), tmp_path / "mqa", to="mqa", calib_data=str(text_file), **CALIB)
+    mqa = load(tmp_path / "mqa")
+    assert mqa.model.layers[0].self_attn.qkv_proj.weight.shape == (4 * 16 + 2 * 16, 64)
+    assert not (tmp_path / "mqa" / "modeling_kvslim_gpt2.py").exists() and "auto_map" not in mqa.config.to_dict()
+    error = (outputs(mqa) - outputs(model)).norm() / outputs(model).norm()
+    mean_error = (outputs(load_mean(src, tmp_path)) - outputs(model)).norm() / outputs(model).norm()
+    assert error < mean_error
+
+
+def load_mean(src, tmp_path):
+    kvslim.convert(str(src), tmp_path / "mean", to="mqa", method="mean", progress=False, overwrite=True)
+    return load(tmp_path / "mean")
