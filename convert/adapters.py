@@ -67,8 +67,14 @@ class AttentionAdapter:
         return AttentionLayout(text.num_hidden_layers, heads, kv, head_dim, text.hidden_size)
 
     def rope(self, config: Any) -> str:
-        """The RoPE layout of `config`'s heads (see gqa.pair_indices)."""
-        return self.rope_layout
+        """The RoPE layout of `config`'s heads (see gqa.pair_indices), partial rotary included."""
+        if self.rope_layout == "none":
+            return "none"
+        text = text_config(config)
+        factor = getattr(text, "partial_rotary_factor", None) or \
+            (getattr(text, "rope_parameters", None) or {}).get("partial_rotary_factor") or 1.0
+        head_dim = self.layout(config).head_dim
+        return self.rope_layout if factor >= 1.0 else f"{self.rope_layout}:{int(head_dim * factor)}"
 
     def prefix(self, layer: int) -> str:
         return f"{self.layers_path}.{layer}."
@@ -80,8 +86,8 @@ class AttentionAdapter:
         """Tensors every layer must have (checked before converting)."""
         return [self.tensor_name(layer, m) for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj)]
 
-    def read(self, reader, layer: int):
-        """This layer's attention as AttentionWeights (nn.Linear layout)."""
+    def read(self, reader, layer: int, layout: AttentionLayout):
+        """This layer's attention as AttentionWeights (nn.Linear layout); `layout` is the source's."""
         from .gqa import AttentionWeights
 
         keys = reader.keys()
@@ -107,6 +113,10 @@ class AttentionAdapter:
                 out[self.tensor_name(layer, module, "bias")] = bias
         return out
 
+    def output_name(self, name: str) -> str:
+        """The name a non-attention tensor gets in the converted checkpoint."""
+        return name
+
     def set_kv_heads(self, config: Any, kv_heads: int) -> None:
         setattr(text_config(config), self.kv_heads_key, kv_heads)
 
@@ -129,12 +139,6 @@ class FusedQKVAdapter(AttentionAdapter):
 
     qkv_proj: str = "self_attn.qkv_proj"
 
-    def rope(self, config: Any) -> str:
-        text = text_config(config)
-        factor = getattr(text, "partial_rotary_factor", 1.0) or 1.0
-        hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return self.rope_layout if factor >= 1.0 else f"{self.rope_layout}:{int(hd * factor)}"
-
     def required(self, layer: int) -> list[str]:
         return [self.tensor_name(layer, self.qkv_proj), self.tensor_name(layer, self.o_proj)]
 
@@ -142,7 +146,7 @@ class FusedQKVAdapter(AttentionAdapter):
         q, kv = w.q_w.shape[0], w.k_w.shape[0]
         return [q, kv, kv]
 
-    def read(self, reader, layer: int):
+    def read(self, reader, layer: int, layout: AttentionLayout):
         from .gqa import AttentionWeights
 
         keys = reader.keys()
@@ -185,7 +189,7 @@ class GPT2Adapter(AttentionAdapter):
     def required(self, layer: int) -> list[str]:
         return [self.tensor_name(layer, "attn.c_attn"), self.tensor_name(layer, "attn.c_proj")]
 
-    def read(self, reader, layer: int):
+    def read(self, reader, layer: int, layout: AttentionLayout):
         from .gqa import AttentionWeights
 
         c_attn = reader.get(self.tensor_name(layer, "attn.c_attn")).T  # Conv1D -> Linear layout
@@ -203,6 +207,63 @@ class GPT2Adapter(AttentionAdapter):
         return {self.tensor_name(layer, "attn.c_attn"): torch.cat([w.q_w, w.k_w, w.v_w]).T.contiguous(),
                 self.tensor_name(layer, "attn.c_attn", "bias"): torch.cat([w.q_b, w.k_b, w.v_b]),
                 self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous()}
+
+
+@dataclass(frozen=True)
+class GPTNeoXAdapter(AttentionAdapter):
+    """GPT-NeoX/Pythia: fused query_key_value interleaved per head ([q_h; k_h; v_h] for each head),
+    partial rotary. The converted model (kvslim's class) stores [all q; k heads; v heads]."""
+
+    base_path: str = "gpt_neox"
+    layers_path: str = "gpt_neox.layers"
+    attention_module: str = "attention"
+    hosted: str | None = "gpt_neox"
+
+    def required(self, layer: int) -> list[str]:
+        return [self.tensor_name(layer, "attention.query_key_value"), self.tensor_name(layer, "attention.dense")]
+
+    def output_name(self, name: str) -> str:
+        # Transformers renames GPT-NeoX's embed_out to lm_head for its own class name only
+        return "lm_head." + name[len("embed_out."):] if name.startswith("embed_out.") else name
+
+    def _split(self, t, heads: int, kv_heads: int, head_dim: int):
+        if kv_heads == heads:  # Transformers' GPT-NeoX: per-head interleaving
+            per_head = t.reshape(heads, 3, head_dim, *t.shape[1:])
+            return [per_head[:, j].reshape(heads * head_dim, *t.shape[1:]) for j in range(3)]
+        return t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+
+    def read(self, reader, layer: int, layout: AttentionLayout):
+        from .gqa import AttentionWeights
+
+        keys = reader.keys()
+        qkv = reader.get(self.tensor_name(layer, "attention.query_key_value"))
+        o = reader.get(self.tensor_name(layer, "attention.dense"))
+        bias_name = self.tensor_name(layer, "attention.query_key_value", "bias")
+        bias = reader.get(bias_name) if bias_name in keys else None
+        args = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
+        q_w, k_w, v_w = self._split(qkv, *args)
+        q_b, k_b, v_b = self._split(bias, *args) if bias is not None else (None, None, None)
+        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
+
+    def write(self, w, layer: int) -> dict:
+        import torch
+
+        out = {self.tensor_name(layer, "attention.query_key_value"): torch.cat([w.q_w, w.k_w, w.v_w]),
+               self.tensor_name(layer, "attention.dense"): w.o_w}
+        if w.q_b is not None:
+            out[self.tensor_name(layer, "attention.query_key_value", "bias")] = torch.cat([w.q_b, w.k_b, w.v_b])
+        return out
+
+
+@dataclass(frozen=True)
+class OPTAdapter(AttentionAdapter):
+    """OPT: separate projections with biases, learned positions (offset 2), out_proj."""
+
+    base_path: str = "model.decoder"
+    layers_path: str = "model.decoder.layers"
+    o_proj: str = "self_attn.out_proj"
+    rope_layout: str = "none"
+    hosted: str | None = "opt"
 
 
 @dataclass(frozen=True)
@@ -261,4 +322,6 @@ register_adapter(AttentionAdapter("gemma3", ("gemma3_text",), qk_norm=True, qk_n
 register_adapter(FusedQKVAdapter("phi3", ("phi3",)))
 # Transformers' classes ignore num_key_value_heads here: the output uses kvslim's hosted class.
 register_adapter(GPT2Adapter("gpt2", ("gpt2",)))
+register_adapter(GPTNeoXAdapter("gpt_neox", ("gpt_neox",)))
+register_adapter(OPTAdapter("opt", ("opt",)))
 register_adapter(BertAdapter("bert", ("bert",)))

@@ -75,6 +75,12 @@ def _read_dataset(spec: str) -> list[str]:
     return [t for t in ds[column] if isinstance(t, str) and t.strip()]
 
 
+def start_token(tokenizer) -> int | None:
+    """The token every sequence starts with: BOS for decoders, [CLS] for BERT-style encoders."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else getattr(tokenizer, "cls_token_id", None)
+
+
 def token_windows(
     texts: list[str], tokenizer, num: int, seq_len: int, bos_token_id: int | None, min_num: int = 1,
     seed: int = 0,

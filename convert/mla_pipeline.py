@@ -109,7 +109,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     probe.hidden = list(runner.hidden)
     for i in tqdm(range(layout.num_layers), desc="MLA: choosing RoPE frequencies", unit="layer", disable=not progress):
         cov = probe.attention_input_moment(i, adapter.attention_module)
-        gains += _frequency_gain(adapter.read(src.reader, i), layout, theta, cov, rope_strategy, calib_seq_len,
+        gains += _frequency_gain(adapter.read(src.reader, i, layout), layout, theta, cov, rope_strategy, calib_seq_len,
                                  adapter.rope_layout)
         probe.advance(i, source_layers[i], {})
     del probe
@@ -137,7 +137,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
         errors = []
         for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {shape.kv_rank}, rope {shape.rope_dim})",
                       unit="layer", disable=not progress):
-            weights = adapter.read(src.reader, i)
+            weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module)
             layer = convert_attention_mla(weights, layout, shape, theta, cov=cov, init=init, rope_strategy=rope_strategy,
                                           context=calib_seq_len, source_scaling=scaling, rope_layout=adapter.rope_layout,

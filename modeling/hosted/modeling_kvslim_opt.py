@@ -1,0 +1,92 @@
+"""OPT with grouped-query attention, as written by kvslim.
+
+Transformers' OPT ignores `num_key_value_heads`, so an OPT converted to GQA/MQA needs this class:
+OPT whose `k_proj`/`v_proj` produce `num_key_value_heads` heads, each read by its group of query
+heads. Everything else is OPT (learned positions, biases, pre/post layer norm).
+
+This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
+(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import OPTConfig, OPTForCausalLM, OPTModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.opt.modeling_opt import OPTAttention
+
+
+class KvslimOPTConfig(OPTConfig):
+    model_type = "kvslim_opt"
+
+    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                             f"num_attention_heads ({self.num_attention_heads}).")
+
+
+def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Reference attention for any KV head count: each KV head serves its group of query heads."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class KvslimOPTAttention(OPTAttention):
+    """OPT self-attention with `num_key_value_heads` KV heads."""
+
+    def __init__(self, config: KvslimOPTConfig, layer_idx: int | None = None):
+        super().__init__(config, layer_idx=layer_idx)
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # SDPA's native GQA
+        kv = self.num_key_value_heads * self.head_dim
+        self.k_proj = nn.Linear(self.embed_dim, kv, bias=self.enable_bias)
+        self.v_proj = nn.Linear(self.embed_dim, kv, bias=self.enable_bias)
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+        bsz, length, _ = hidden_states.shape
+        query = (self.q_proj(hidden_states) * self.scaling).view(bsz, length, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=self.dropout if self.training else 0.0, scaling=1.0, **kwargs)
+        return self.out_proj(out.reshape(bsz, length, -1).contiguous()), weights
+
+
+def _use_gqa_attention(layers: nn.ModuleList, config: KvslimOPTConfig) -> None:
+    for i, layer in enumerate(layers):
+        layer.self_attn = KvslimOPTAttention(config, layer_idx=i)
+
+
+class KvslimOPTModel(OPTModel):
+    config_class = KvslimOPTConfig
+
+    def __init__(self, config: KvslimOPTConfig):
+        super().__init__(config)
+        _use_gqa_attention(self.decoder.layers, config)
+        self.post_init()
+
+
+class KvslimOPTForCausalLM(OPTForCausalLM):
+    config_class = KvslimOPTConfig
+
+    def __init__(self, config: KvslimOPTConfig):
+        super().__init__(config)
+        _use_gqa_attention(self.model.decoder.layers, config)
+        self.post_init()
+
+
+KvslimOPTConfig.register_for_auto_class()
+KvslimOPTModel.register_for_auto_class("AutoModel")
+KvslimOPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
