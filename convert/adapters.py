@@ -113,6 +113,17 @@ class AttentionAdapter:
                 out[self.tensor_name(layer, module, "bias")] = bias
         return out
 
+    def write_latent(self, w, latent: dict, layer: int) -> dict:
+        """Checkpoint tensors of a hosted MLA layer: queries and output as before, keys and values
+        from `latent` (convert_attention_latent's kv_a/kv_b)."""
+        out = {self.tensor_name(layer, self.q_proj): w.q_w, self.tensor_name(layer, self.o_proj): w.o_w}
+        if w.q_b is not None:
+            out[self.tensor_name(layer, self.q_proj, "bias")] = w.q_b
+        base = f"{self.prefix(layer)}{self.q_proj.rsplit('.', 1)[0]}.latent."
+        out.update({base + "kv_a_proj.weight": latent["kv_a_weight"], base + "kv_a_proj.bias": latent["kv_a_bias"],
+                    base + "kv_b_proj.weight": latent["kv_b_weight"]})
+        return out
+
     def output_name(self, name: str) -> str:
         """The name a non-attention tensor gets in the converted checkpoint."""
         return name
@@ -207,6 +218,14 @@ class GPT2Adapter(AttentionAdapter):
         return {self.tensor_name(layer, "attn.c_attn"): torch.cat([w.q_w, w.k_w, w.v_w]).T.contiguous(),
                 self.tensor_name(layer, "attn.c_attn", "bias"): torch.cat([w.q_b, w.k_b, w.v_b]),
                 self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous()}
+
+    def write_latent(self, w, latent: dict, layer: int) -> dict:
+        base = self.tensor_name(layer, "attn.latent")[: -len("weight")]
+        return {self.tensor_name(layer, "attn.c_attn"): w.q_w.T.contiguous(),  # queries only
+                self.tensor_name(layer, "attn.c_attn", "bias"): w.q_b,
+                self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous(),
+                base + "kv_a_proj.weight": latent["kv_a_weight"], base + "kv_a_proj.bias": latent["kv_a_bias"],
+                base + "kv_b_proj.weight": latent["kv_b_weight"]}
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,61 @@ def _anchor(rows: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
     return anchor, anchor / math.sqrt(n)
 
 
+def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Tensor, cov: torch.Tensor, rank: int,
+                 init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor [K; V] of all heads (each (nh, hd, D), acting on [x, 1]) through a rank-`rank` latent.
+
+    Returns (down (r, D), up (2 nh hd, r)) with [K; V] ~ up @ down: the latent is c = down @ [x, 1].
+    ``whitened`` weights key rows by each head's query covariance (score error) and value rows by
+    its o_proj Gram (output error) under the input covariance; ``pca`` is TransMLA's activation PCA
+    with K/V norm balancing; ``svd`` is MHA2MLA's weight-only SVD.
+    """
+    nh, hd, D = k.shape
+    f64 = torch.float64
+    stack = torch.cat([k.reshape(nh * hd, D), v.reshape(nh * hd, D)])  # (2 nh hd, D)
+    if init == "svd":
+        weight_rows = torch.eye(2 * nh * hd, dtype=f64)
+        basis_cov = torch.eye(D, dtype=f64)
+    else:
+        basis_cov = cov
+        if init == "whitened":
+            blocks = [_sym_sqrt(qn @ cov @ qn.T)[0] for qn in q] + [_sym_sqrt(oi.T @ oi)[0] for oi in o]
+        else:  # pca: plain activations, keys rescaled to the values' total energy
+            blocks = [torch.eye(hd, dtype=f64)] * (2 * nh)
+        weight_rows = torch.block_diag(*blocks)
+        k_part, v_part = weight_rows[: nh * hd], weight_rows[nh * hd:]
+        ek = torch.einsum("rd,de,re->", k_part @ stack, cov, k_part @ stack)
+        ev = torch.einsum("rd,de,re->", v_part @ stack, cov, v_part @ stack)
+        # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
+        weight_rows[: nh * hd] *= (ev / ek.clamp(min=1e-12 * ev)).sqrt()
+    weighted = weight_rows @ stack  # (2 nh hd, D)
+    _, vecs = torch.linalg.eigh(weighted @ basis_cov @ weighted.T)
+    top = vecs[:, -rank:].flip(-1)  # (2 nh hd, r)
+    return top.T @ weighted, torch.linalg.pinv(weight_rows) @ top
+
+
+def convert_attention_latent(weights: AttentionWeights, layout: AttentionLayout, rank: int, *,
+                             cov: torch.Tensor | None = None, init: str = "whitened") -> dict[str, torch.Tensor]:
+    """MLA for attention without RoPE (GPT-2, OPT, BERT): keys and values of every head from one
+    rank-`rank` latent; queries and the output projection are unchanged. Returns the latent
+    tensors (nn.Linear layout): kv_a weight/bias (hidden -> r) and kv_b weight (r -> per head [k_h; v_h])."""
+    if init not in INITS:
+        raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
+    nh, hd = layout.num_heads, layout.head_dim
+    d = weights.q_w.shape[1]
+    f64 = torch.float64
+    cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    down, up = joint_latent(k, v, q, o, cov, rank, init)
+    kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, rank), up[nh * hd:].reshape(nh, hd, rank)], dim=1)
+    dtype = weights.q_w.dtype
+    return {"kv_a_weight": down[:, :d].to(dtype).contiguous(), "kv_a_bias": down[:, d].to(dtype).contiguous(),
+            "kv_b_weight": kv_b.reshape(nh * 2 * hd, rank).to(dtype).contiguous()}
+
+
 def convert_attention_mla(
     weights: AttentionWeights,
     layout: AttentionLayout,
@@ -239,27 +294,7 @@ def convert_attention_mla(
     k_rope_c = shared[kept]  # (P, D)
 
     # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
-    stack = torch.cat([k_nope.reshape(nh * hd, D), v.reshape(nh * hd, D)])  # (2 nh hd, D)
-    if init == "svd":
-        weight_rows = torch.eye(2 * nh * hd, dtype=f64)
-        basis_cov = torch.eye(D, dtype=f64)
-    else:
-        basis_cov = cov
-        if init == "whitened":
-            blocks = [_sym_sqrt(qn @ cov @ qn.T)[0] for qn in q_nope] + [_sym_sqrt(oi.T @ oi)[0] for oi in o]
-        else:  # pca: plain activations, keys rescaled to the values' total energy
-            blocks = [torch.eye(hd, dtype=f64)] * (2 * nh)
-        weight_rows = torch.block_diag(*blocks)
-        k_part, v_part = weight_rows[: nh * hd], weight_rows[nh * hd:]
-        ek = torch.einsum("rd,de,re->", k_part @ stack, cov, k_part @ stack)
-        ev = torch.einsum("rd,de,re->", v_part @ stack, cov, v_part @ stack)
-        # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
-        weight_rows[: nh * hd] *= (ev / ek.clamp(min=1e-12 * ev)).sqrt()
-    weighted = weight_rows @ stack  # (2 nh hd, D)
-    _, vecs = torch.linalg.eigh(weighted @ basis_cov @ weighted.T)
-    top = vecs[:, -shape.kv_rank:].flip(-1)  # (2 nh hd, r)
-    down = top.T @ weighted  # latent c = down @ [x, 1]   (r, D)
-    up = torch.linalg.pinv(weight_rows) @ top  # stack ~ up @ down   (2 nh hd, r)
+    down, up = joint_latent(k_nope, v, q_nope, o, cov, shape.kv_rank, init)
 
     # latent norm: anchor element keeps the per-token RMS constant
     anchor, norm_w = _anchor(down, cov)

@@ -191,3 +191,81 @@ def mla_kv_bytes(num_layers: int, shape: MLAShape, dtype: torch.dtype) -> int:
     return num_layers * shape.cache_elements * torch.tensor([], dtype=dtype).element_size()
 
 
+
+
+def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
+                       kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
+                       refine_steps, refine_lr, out_dtype, device, progress, started, save):
+    """MLA for architectures without RoPE that kvslim hosts (GPT-2, OPT, BERT): keys and values of all
+    heads from one cached latent (modeling/hosted/kvslim_latent_attention.py); no RoPE key."""
+    from ..modeling.hosted import hosted_config
+    from .calibration import start_token
+    from .mla import convert_attention_latent
+    from .pipeline import _cast, _refine
+
+    if adapter.rope(src.config) != "none":
+        raise ConversionError(
+            f"MLA conversion of '{src.model_type}' is not supported yet: its heads use (partial) RoPE, which "
+            f"needs a shared RoPE key; supported MLA sources: {', '.join(MLA_SOURCES)}, gpt2, opt, bert. "
+            "Use --to gqa/mqa for this model."
+        )
+    if rope_dim is not None:
+        raise ConversionError(f"--rope-dim does not apply: '{src.model_type}' has no rotary embeddings.")
+    if init not in INITS:
+        raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
+    source_elements = 2 * layout.num_kv_heads * layout.head_dim
+    max_rank = min(2 * layout.num_heads * layout.head_dim, layout.hidden_size + 1)
+    if kv_budget is not None:
+        if kv_rank is not None:
+            raise ConversionError("Give either --kv-budget or --kv-rank, not both.")
+        if not 0 < kv_budget <= 1:
+            raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
+        kv_rank = min(int(kv_budget * source_elements + 1e-9), max_rank)
+    elif kv_rank is None:
+        raise ConversionError("--to mla needs --kv-budget F or --kv-rank R.")
+    if not 1 <= kv_rank <= max_rank:
+        raise ConversionError(f"--kv-rank {kv_rank} is impossible for this model: the latent can have rank 1 to "
+                              f"{max_rank} (min of 2 * heads * head_dim and hidden + 1).")
+
+    spec = calib_data or DEFAULT_CALIB_DATASET
+    tokenizer = src.load_tokenizer()
+    ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len, start_token(tokenizer),
+                        min_num=min(8, calib_samples))
+    record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
+    runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
+    config = hosted_config(adapter.hosted, src.config, layout.num_heads)
+    config.kv_lora_rank = kv_rank
+    if out_dtype is not None:
+        config.dtype = out_dtype
+    target_layers = list(meta_model(config, adapter.model_kind).get_submodule(adapter.layers_path))
+    record.mla = {"kv_rank": kv_rank, "latent_anchor": 0, "rope_dim": 0, "cache_elements_per_layer": kv_rank,
+                  "init": init, "rope_strategy": "none (no rotary embeddings)"}
+    dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
+    record.kv_bytes_per_token_after = layout.num_layers * kv_rank * torch.tensor([], dtype=dtype).element_size()
+
+    with out as tmp:
+        writer = writer_factory(tmp)
+        prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
+        for name in src.reader.keys():
+            if not name.startswith(prefixes):
+                writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
+        errors = []
+        for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {kv_rank})", unit="layer", disable=not progress):
+            weights = adapter.read(src.reader, i, layout)
+            cov = runner.attention_input_moment(i, adapter.attention_module)
+            latent = convert_attention_latent(weights, layout, kv_rank, cov=cov, init=init)
+            converted = adapter.write_latent(weights, latent, i)
+            if refine_steps:
+                converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr)
+                errors.append(round(err, 6))
+            runner.advance(i, target_layers[i], {k: v.float() for k, v in converted.items()})
+            source_attn = set(adapter.write(weights, i))
+            for name in src.layer_names(adapter.prefix(i)):
+                if name not in source_attn:
+                    writer.add(name, _cast(src.reader.get(name), out_dtype))
+            for name, tensor in converted.items():
+                writer.add(name, _cast(tensor, out_dtype))
+        if errors:
+            record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": errors}
+        writer.close()
+        save(tmp, config)

@@ -228,7 +228,7 @@ def convert(
 
 
 def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_shard_bytes, **kwargs):
-    from .mla_pipeline import convert_mla
+    from .mla_pipeline import convert_hosted_mla, convert_mla
 
     weight_dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
     record = ConversionRecord(
@@ -243,11 +243,16 @@ def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_s
         record.seconds = round(time.perf_counter() - started, 2)
         config.kvslim = record.to_dict()
         config.save_pretrained(str(tmp))
+        if adapter.hosted:
+            from ..modeling.hosted import save_modeling_file
+
+            save_modeling_file(adapter.hosted, tmp)
         src.save_side_files(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
 
-    convert_mla(src, adapter, layout, out, lambda tmp: ShardedWriter(tmp, max_shard_bytes), record,
-                out_dtype=out_dtype, started=started, save=save, **kwargs)
+    run = convert_hosted_mla if adapter.hosted else convert_mla
+    run(src, adapter, layout, out, lambda tmp: ShardedWriter(tmp, max_shard_bytes), record,
+        out_dtype=out_dtype, started=started, save=save, **kwargs)
     return record
 
 

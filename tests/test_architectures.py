@@ -314,3 +314,50 @@ def test_gpt_neox_identity_duplicates_and_aware(save_model, tmp_path, text_file)
     torch.testing.assert_close(outputs(gqa), outputs(model), rtol=0, atol=1e-5)
     torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "gqa", "causal", tmp_path), outputs(gqa),
                                rtol=0, atol=1e-5)
+
+
+# ---- MLA for the hosted architectures without RoPE (GPT-2, OPT, BERT) ------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "bert"])
+def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_model, tmp_path, text_file):
+    model = {"gpt2": gpt2, "opt": opt, "bert": bert}[arch]()
+    kind = "base" if arch == "bert" else "causal"
+    src = save_model(model, arch)
+    kvslim.convert(str(src), tmp_path / "full", to="mla", kv_rank=65, calib_data=str(text_file), **CALIB)
+    full = load(tmp_path / "full", kind)
+    assert full.config.kv_lora_rank == 65 and full.config.model_type == f"kvslim_{arch}"
+    torch.testing.assert_close(outputs(full), outputs(model), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "full", kind, tmp_path), outputs(full),
+                               rtol=0, atol=1e-5)
+
+    record = kvslim.convert(str(src), tmp_path / "quarter", to="mla", kv_budget=0.25, calib_data=str(text_file),
+                            calib_samples=8, calib_seq_len=32, refine_steps=5, progress=False)
+    assert record.mla["kv_rank"] == 32 and record.kv_bytes_per_token_after * 4 == record.kv_bytes_per_token_before
+    quarter = load(tmp_path / "quarter", kind)
+    assert kvslim.describe(quarter.config).kv_bytes_per_token == record.kv_bytes_per_token_after
+    if kind == "causal":  # absorbed decode over the latent cache == full forwards without a cache
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=quarter.config)
+        with torch.no_grad():
+            quarter(input_ids=IDS, past_key_values=cache, use_cache=True)
+        layer = cache.layers[0]
+        assert layer.keys.shape == (2, 1, IDS.shape[1], 32) and layer.values.numel() == 0  # only the latent
+        generated = quarter.generate(IDS[:1], max_new_tokens=5, do_sample=False)
+        ids = IDS[:1]
+        for _ in range(5):
+            ids = torch.cat([ids, outputs(quarter, ids)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generated, ids)
+
+
+def test_hosted_mla_bad_input(save_model, tmp_path):
+    src = save_model(gpt2(), "gpt2")
+    with pytest.raises(kvslim.ConversionError, match="impossible"):
+        kvslim.convert(str(src), tmp_path / "o", to="mla", kv_rank=500, progress=False)
+    with pytest.raises(kvslim.ConversionError, match="no rotary"):
+        kvslim.convert(str(src), tmp_path / "o", to="mla", kv_rank=8, rope_dim=4, progress=False)
+    src = save_model(neox(), "neox")
+    with pytest.raises(kvslim.ConversionError, match="partial\\) RoPE"):
+        kvslim.convert(str(src), tmp_path / "o", to="mla", kv_budget=0.25, progress=False)
+    assert not (tmp_path / "o").exists()

@@ -1,8 +1,9 @@
-"""BERT with grouped-query attention, as written by kvslim.
+"""BERT with grouped-query or multi-head latent attention, as written by kvslim.
 
 Transformers' BERT ignores `num_key_value_heads`, so a BERT encoder converted to GQA/MQA needs this
 class: BERT whose `key`/`value` projections produce `num_key_value_heads` heads, each read by its
-group of query heads. Attention stays bidirectional; everything else is BERT.
+group of query heads. With `kv_lora_rank` set, keys and values come from one low-rank latent per
+token (kvslim_latent_attention.py). Attention stays bidirectional; everything else is BERT.
 
 This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
 (`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
@@ -17,13 +18,16 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
+from .kvslim_latent_attention import LatentKV, cache_latent
+
 
 class KvslimBertConfig(BertConfig):
     model_type = "kvslim_bert"
 
-    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
+        self.kv_lora_rank = kv_lora_rank
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                              f"num_attention_heads ({self.num_attention_heads}).")
@@ -46,6 +50,12 @@ class KvslimBertSelfAttention(BertSelfAttention):
 
     def __init__(self, config: KvslimBertConfig, is_causal: bool = False, layer_idx: int | None = None):
         super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
+        if config.kv_lora_rank:
+            del self.key, self.value
+            self.num_key_value_groups = 1
+            self.latent = LatentKV(config.hidden_size, self.num_attention_heads, self.attention_head_size,
+                                   config.kv_lora_rank)
+            return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads  # SDPA's native GQA
         kv = self.num_key_value_heads * self.attention_head_size
@@ -55,14 +65,19 @@ class KvslimBertSelfAttention(BertSelfAttention):
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query = self.query(hidden_states).view(shape).transpose(1, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        dropout = self.dropout.p if self.training else 0.0
+        if self.config.kv_lora_rank:
+            latent = cache_latent(past_key_values, self.latent.latent(hidden_states), self.layer_idx)
+            absorb = past_key_values is not None and query.shape[2] == 1 and not self.training
+            out = self.latent.attend(self, query, latent, attention_mask, self.scaling, dropout, attention, absorb)
+            return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), None
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
         if past_key_values is not None:
             cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
             key, value = cache.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
-        out, weights = attention(self, query, key, value, attention_mask,
-                                 dropout=self.dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
+        out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
 
 

@@ -1,8 +1,10 @@
-"""GPT-2 with grouped-query attention, as written by kvslim.
+"""GPT-2 with grouped-query or multi-head latent attention, as written by kvslim.
 
 Transformers' GPT-2 ignores `num_key_value_heads`, so a GPT-2 converted to GQA/MQA needs this class:
 GPT-2 with a narrower fused `c_attn` (query heads, then `num_key_value_heads` key and value heads)
-and attention that reads each KV head from its query group. Everything else is GPT-2.
+and attention that reads each KV head from its query group. With `kv_lora_rank` set, `c_attn`
+computes only queries and keys/values come from a cached latent (kvslim_latent_attention.py).
+Everything else is GPT-2.
 
 This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
 (`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
@@ -18,13 +20,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
+from .kvslim_latent_attention import LatentKV, cache_latent
+
 
 class KvslimGPT2Config(GPT2Config):
     model_type = "kvslim_gpt2"
 
-    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_key_value_heads = num_key_value_heads or self.n_head
+        self.kv_lora_rank = kv_lora_rank
         if self.n_head % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide n_head ({self.n_head}).")
         if self.add_cross_attention:
@@ -44,10 +49,16 @@ def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 class KvslimGPT2Attention(GPT2Attention):
-    """GPT-2 self-attention with `num_key_value_heads` KV heads."""
+    """GPT-2 self-attention with `num_key_value_heads` KV heads, or a latent KV (`kv_lora_rank`)."""
 
     def __init__(self, config: KvslimGPT2Config, layer_idx: int | None = None):
         super().__init__(config, is_cross_attention=False, layer_idx=layer_idx)
+        if config.kv_lora_rank:
+            self.num_key_value_groups = 1  # keys/values are expanded per head from the latent
+            self.split_size = [self.embed_dim]
+            self.c_attn = Conv1D(self.embed_dim, self.embed_dim)
+            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, config.kv_lora_rank)
+            return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by SDPA for native GQA
         kv = self.num_key_value_heads * self.head_dim
@@ -58,13 +69,20 @@ class KvslimGPT2Attention(GPT2Attention):
         kwargs.pop("encoder_hidden_states", None)
         kwargs.pop("encoder_attention_mask", None)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (t.view(shape).transpose(1, 2) for t in self.c_attn(hidden_states).split(self.split_size, dim=2))
-        if past_key_values is not None:
-            cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
-            key, value = cache.update(key, value, self.layer_idx)
+        cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
-        out, weights = attention(self, query, key, value, attention_mask,
-                                 dropout=self.attn_dropout.p if self.training else 0.0, scaling=self.scaling, **kwargs)
+        dropout = self.attn_dropout.p if self.training else 0.0
+        if self.config.kv_lora_rank:
+            query = self.c_attn(hidden_states).view(shape).transpose(1, 2)
+            latent = cache_latent(cache, self.latent.latent(hidden_states), self.layer_idx)
+            absorb = cache is not None and query.shape[2] == 1 and not self.training
+            out = self.latent.attend(self, query, latent, attention_mask, self.scaling, dropout, attention, absorb)
+            out = out.reshape(*out.shape[:-2], -1).contiguous()
+            return self.resid_dropout(self.c_proj(out)), None
+        query, key, value = (t.view(shape).transpose(1, 2) for t in self.c_attn(hidden_states).split(self.split_size, dim=2))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         out = out.reshape(*out.shape[:-2], -1).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
 

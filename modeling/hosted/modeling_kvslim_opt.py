@@ -1,8 +1,9 @@
-"""OPT with grouped-query attention, as written by kvslim.
+"""OPT with grouped-query or multi-head latent attention, as written by kvslim.
 
 Transformers' OPT ignores `num_key_value_heads`, so an OPT converted to GQA/MQA needs this class:
 OPT whose `k_proj`/`v_proj` produce `num_key_value_heads` heads, each read by its group of query
-heads. Everything else is OPT (learned positions, biases, pre/post layer norm).
+heads. With `kv_lora_rank` set there are no k/v projections: keys and values come from a cached
+latent (kvslim_latent_attention.py). Everything else is OPT (learned positions, biases, norms).
 
 This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
 (`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
@@ -16,13 +17,16 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention
 
+from .kvslim_latent_attention import LatentKV, cache_latent
+
 
 class KvslimOPTConfig(OPTConfig):
     model_type = "kvslim_opt"
 
-    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
+        self.kv_lora_rank = kv_lora_rank
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                              f"num_attention_heads ({self.num_attention_heads}).")
@@ -45,6 +49,11 @@ class KvslimOPTAttention(OPTAttention):
 
     def __init__(self, config: KvslimOPTConfig, layer_idx: int | None = None):
         super().__init__(config, layer_idx=layer_idx)
+        if config.kv_lora_rank:
+            del self.k_proj, self.v_proj
+            self.num_key_value_groups = 1
+            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, config.kv_lora_rank)
+            return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # SDPA's native GQA
         kv = self.num_key_value_heads * self.head_dim
@@ -54,13 +63,18 @@ class KvslimOPTAttention(OPTAttention):
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
         bsz, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(bsz, length, -1, self.head_dim).transpose(1, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        dropout = self.dropout if self.training else 0.0
+        if self.config.kv_lora_rank:
+            latent = cache_latent(past_key_values, self.latent.latent(hidden_states), self.layer_idx)
+            absorb = past_key_values is not None and length == 1 and not self.training
+            out = self.latent.attend(self, query, latent, attention_mask, 1.0, dropout, attention, absorb)
+            return self.out_proj(out.reshape(bsz, length, -1).contiguous()), None
         key = self.k_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
-        out, weights = attention(self, query, key, value, attention_mask,
-                                 dropout=self.dropout if self.training else 0.0, scaling=1.0, **kwargs)
+        out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=1.0, **kwargs)
         return self.out_proj(out.reshape(bsz, length, -1).contiguous()), weights
 
 
