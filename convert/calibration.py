@@ -81,12 +81,20 @@ def start_token(tokenizer) -> int | None:
     return bos if bos is not None else getattr(tokenizer, "cls_token_id", None)
 
 
+def end_token(tokenizer) -> int | None:
+    """The token BERT-style encoders end every sequence with ([SEP]); None for decoders."""
+    if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "cls_token_id", None) is not None:
+        return getattr(tokenizer, "sep_token_id", None)
+    return None
+
+
 def token_windows(
     texts: list[str], tokenizer, num: int, seq_len: int, bos_token_id: int | None, min_num: int = 1,
-    seed: int = 0,
+    seed: int = 0, eos_token_id: int | None = None,
 ) -> torch.Tensor:
-    """`num` windows of `seq_len` tokens (BOS first when the model has one), spread over the corpus."""
-    body = seq_len - (bos_token_id is not None)
+    """`num` windows of `seq_len` tokens (BOS first when the model has one, `eos_token_id` last,
+    e.g. an encoder's [CLS] ... [SEP]), spread over the corpus."""
+    body = seq_len - (bos_token_id is not None) - (eos_token_id is not None)
     ids: list[int] = []
     needed = num * body
     for text in texts:
@@ -105,6 +113,8 @@ def token_windows(
     out = torch.tensor(rows, dtype=torch.long)
     if bos_token_id is not None:
         out = torch.cat([torch.full((num, 1), bos_token_id, dtype=torch.long), out], dim=1)
+    if eos_token_id is not None:
+        out = torch.cat([out, torch.full((num, 1), eos_token_id, dtype=torch.long)], dim=1)
     return out
 
 
@@ -155,7 +165,7 @@ class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
     def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int = 8,
-                 device: str = "cpu", adapter=None, track_source: bool = False):
+                 device: str = "cpu", adapter=None):
         from .adapters import AttentionAdapter
 
         adapter = adapter or AttentionAdapter("llama", ())
@@ -171,10 +181,6 @@ class LayerwiseRunner:
         # what the model gives each layer (masks, positions), and layer 0's input: the embeddings,
         # learned positions included, for every calibration batch
         self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
-        # The unconverted model's hidden states at the current layer, when asked for: refinement
-        # targets the source's outputs on the source's own inputs, so each converted layer also
-        # corrects the drift the layers before it left.
-        self.source_hidden = list(self.hidden) if track_source else None
 
     def _base_prefix(self) -> str:
         for name, module in self.model.named_modules():
@@ -241,10 +247,9 @@ class LayerwiseRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def _each_attention_input(self, index: int, attention_module: str, visit, stream: str = "converted") -> None:
+    def _each_attention_input(self, index: int, attention_module: str, visit) -> None:
         """Call visit(x, kwargs) with the input of layer `index`'s attention for every calibration
-        batch (of the converted model's stream, or the source's); the rest of the layer is skipped."""
-        hidden = self.hidden if stream == "converted" else self.source_hidden
+        batch; the rest of the layer is skipped."""
 
         def hook(module, args, kwargs):
             visit(kwargs.get("hidden_states", args[0] if args else None), kwargs)
@@ -253,7 +258,7 @@ class LayerwiseRunner:
         with self.loaded_layer(index) as layer:
             handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
             try:
-                for h in hidden:
+                for h in self.hidden:
                     with contextlib.suppress(_StopForward):
                         self._call(layer, index, h)
             finally:
@@ -272,8 +277,7 @@ class LayerwiseRunner:
         self._each_attention_input(index, attention_module, visit)
         return acc["m"] / acc["n"]
 
-    def attention_inputs(self, index: int, attention_module: str,
-                         stream: str = "converted") -> tuple[list[torch.Tensor], dict]:
+    def attention_inputs(self, index: int, attention_module: str) -> tuple[list[torch.Tensor], dict]:
         """The attention inputs of layer `index` per calibration batch, and the other arguments
         the layer passes its attention module (rotary embeddings, mask)."""
         inputs: list[torch.Tensor] = []
@@ -283,7 +287,7 @@ class LayerwiseRunner:
             inputs.append(x)
             call.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
-        self._each_attention_input(index, attention_module, visit, stream)
+        self._each_attention_input(index, attention_module, visit)
         call.pop("past_key_values", None)
         call.pop("past_key_value", None)
         return inputs, call
@@ -295,6 +299,3 @@ class LayerwiseRunner:
         `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
         with self.loaded_layer(index, layer, overrides) as loaded:
             self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
-        if self.source_hidden is not None:
-            with self.loaded_layer(index) as source:
-                self.source_hidden = [self._call(source, index, h) for h in self.source_hidden]

@@ -199,7 +199,7 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
     """MLA for architectures without RoPE that kvslim hosts (GPT-2, OPT, BERT): keys and values of all
     heads from one cached latent (modeling/hosted/kvslim_latent_attention.py); no RoPE key."""
     from ..modeling.hosted import hosted_config
-    from .calibration import start_token
+    from .calibration import end_token, start_token
     from .mla import convert_attention_latent
     from .pipeline import _cast, _refine
 
@@ -230,7 +230,7 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
     spec = calib_data or DEFAULT_CALIB_DATASET
     tokenizer = src.load_tokenizer()
     ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len, start_token(tokenizer),
-                        min_num=min(8, calib_samples))
+                        min_num=min(8, calib_samples), eos_token_id=end_token(tokenizer))
     record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
     runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
     config = hosted_config(adapter.hosted, src.config, layout.num_heads)

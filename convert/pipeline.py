@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, get_adapter
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, start_token, token_windows
+from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, end_token, meta_model, read_texts, start_token, token_windows
 from .errors import ConversionError
 from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .sources import CheckpointSource, open_source
@@ -169,7 +169,8 @@ def convert(
         tokenizer = src.load_tokenizer()
         texts = read_texts(spec)
         bos = start_token(tokenizer)
-        ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples))
+        ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples),
+                            eos_token_id=end_token(tokenizer))
         record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len,
                               "tokens": int(ids.numel())}
         runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
@@ -263,16 +264,10 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
     f32 = {k: v.float() for k, v in converted.items()}
-    # the source's output on its own (undrifted) inputs, when the runner tracks them
-    clean = runner.attention_inputs(index, adapter.attention_module, "source")[0] if runner.source_hidden else None
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
-        source_attention = source.get_submodule(adapter.attention_module)
-        wanted = None
-        if clean is not None:
-            with torch.no_grad():
-                wanted = [source_attention(hidden_states=x, **call)[0] for x in clean]
-        err = refine_attention(target.get_submodule(adapter.attention_module), source_attention, inputs, call,
-                               steps, lr, target_call=target_call, frozen=frozen, wanted=wanted)
+        err = refine_attention(target.get_submodule(adapter.attention_module),
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
+                               target_call=target_call, frozen=frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().clone()
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}

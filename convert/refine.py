@@ -34,19 +34,17 @@ def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
 def refine_attention(
     target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
     steps: int = 200, lr: float = 1e-2, batch: int = 4, progress: bool = False,
-    target_call: dict | None = None, frozen: tuple[str, ...] = (), wanted: list[torch.Tensor] | None = None,
+    target_call: dict | None = None, frozen: tuple[str, ...] = (),
 ) -> float:
     """Adam on the relative output error of `target` (trainable) against `source` (frozen).
 
     Returns the relative error after fitting, measured on all calibration batches.
     `target_call` replaces `call` for the target when its arguments differ (MLA's own RoPE);
-    parameters whose names start with one of `frozen` keep their values. `wanted` replaces the
-    source's outputs on `inputs` as the target (e.g. its outputs on its own, undrifted inputs).
+    parameters whose names start with one of `frozen` keep their values.
     """
     tcall = call if target_call is None else target_call
-    if wanted is None:
-        with torch.no_grad():
-            wanted = [_attention_out(source, x, call) for x in inputs]
+    with torch.no_grad():
+        wanted = [_attention_out(source, x, call) for x in inputs]
     scale = sum(w.pow(2).mean() for w in wanted) / len(wanted)
     params = [p for n, p in target.named_parameters() if not n.startswith(frozen)]
     initial = [p.detach().clone() for p in params]
