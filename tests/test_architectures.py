@@ -175,6 +175,15 @@ def test_gpt2_mqa_generate_sdpa_and_padding(save_model, tmp_path):
         ids = torch.cat([ids, outputs(eager, ids)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
     assert sdpa.transformer.h[0].attn.c_attn.weight.shape[1] == 64 + 2 * 16  # one KV head
+    from kvslim.modeling import disable, enable
+
+    reference = outputs(eager, mask=mask)
+    enable(eager)  # kvslim's registered attention works in the hosted class too
+    assert eager.config._attn_implementation == "kvslim_sdpa"
+    torch.testing.assert_close(outputs(eager, mask=mask)[mask.bool()], reference[mask.bool()], rtol=1e-4, atol=1e-5)
+    assert torch.equal(eager.generate(IDS[:1], max_new_tokens=6, do_sample=False), generated)
+    disable(eager)
+    assert eager.config._attn_implementation == "eager"
 
 
 # ---- BERT ---------------------------------------------------------------------------------------
