@@ -370,3 +370,24 @@ def test_hosted_mla_bad_input(save_model, tmp_path):
     with pytest.raises(kvslim.ConversionError, match="partial\\) RoPE"):
         kvslim.convert(str(src), tmp_path / "o", to="mla", kv_budget=0.25, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_roberta_encoder(save_model, tmp_path, text_file):
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                                       vocab_size=320, max_position_embeddings=130, pad_token_id=1,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    src = save_model(model, "roberta")
+    kvslim.convert(str(src), tmp_path / "same", to="mha", progress=False)
+    same = load(tmp_path / "same", "base")
+    assert type(same).__name__ == "KvslimRobertaModel"
+    torch.testing.assert_close(outputs(same), outputs(model), rtol=0, atol=1e-5)
+    kvslim.convert(str(src), tmp_path / "mqa", to="mqa", calib_data=str(text_file), **CALIB)
+    kvslim.convert(str(src), tmp_path / "mean", to="mqa", method="mean", progress=False)
+    ref = outputs(model)
+    err = {n: float((outputs(load(tmp_path / n, "base")) - ref).norm() / ref.norm()) for n in ("mqa", "mean")}
+    assert err["mqa"] < err["mean"]
+    torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "mqa", "base", tmp_path),
+                               outputs(load(tmp_path / "mqa", "base")), rtol=0, atol=1e-5)

@@ -1,5 +1,5 @@
 """Model classes kvslim hosts for architectures whose Transformers class cannot express the
-converted attention (GPT-2, GPT-NeoX, OPT and BERT ignore `num_key_value_heads`).
+converted attention (GPT-2, GPT-NeoX, OPT, BERT and RoBERTa ignore `num_key_value_heads`).
 
 Each lives in one self-contained modeling file that is also copied next to the checkpoints it
 describes (config `auto_map`), so they load with `trust_remote_code=True` without kvslim. Importing
@@ -24,6 +24,7 @@ HOSTED = {
                  {"AutoModel": "KvslimGPTNeoXModel", "AutoModelForCausalLM": "KvslimGPTNeoXForCausalLM"}),
     "opt": (modeling_kvslim_opt, "KvslimOPTConfig", {"AutoModel": "KvslimOPTModel", "AutoModelForCausalLM": "KvslimOPTForCausalLM"}),
     "bert": (modeling_kvslim_bert, "KvslimBertConfig", {"AutoModel": "KvslimBertModel"}),
+    "roberta": (modeling_kvslim_bert, "KvslimRobertaConfig", {"AutoModel": "KvslimRobertaModel"}),
 }
 _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}
 

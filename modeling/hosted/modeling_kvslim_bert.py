@@ -1,6 +1,6 @@
-"""BERT with grouped-query or multi-head latent attention, as written by kvslim.
+"""BERT and RoBERTa with grouped-query or multi-head latent attention, as written by kvslim.
 
-Transformers' BERT ignores `num_key_value_heads`, so a BERT encoder converted to GQA/MQA needs this
+Transformers' BERT and RoBERTa ignore `num_key_value_heads`, so an encoder converted to GQA/MQA needs this
 class: BERT whose `key`/`value` projections produce `num_key_value_heads` heads, each read by its
 group of query heads. With `kv_lora_rank` set, keys and values come from one low-rank latent per
 token (kvslim_latent_attention.py). Attention stays bidirectional; everything else is BERT.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention
@@ -21,16 +21,28 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from .kvslim_latent_attention import LatentKV, cache_latent
 
 
+def _attention_fields(config, num_key_value_heads: int | None, kv_lora_rank: int | None) -> None:
+    config.num_key_value_heads = num_key_value_heads or config.num_attention_heads
+    config.kv_lora_rank = kv_lora_rank
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"num_key_value_heads ({config.num_key_value_heads}) must divide "
+                         f"num_attention_heads ({config.num_attention_heads}).")
+
+
 class KvslimBertConfig(BertConfig):
     model_type = "kvslim_bert"
 
     def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
-        self.kv_lora_rank = kv_lora_rank
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"num_attention_heads ({self.num_attention_heads}).")
+        _attention_fields(self, num_key_value_heads, kv_lora_rank)
+
+
+class KvslimRobertaConfig(RobertaConfig):
+    model_type = "kvslim_roberta"
+
+    def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        _attention_fields(self, num_key_value_heads, kv_lora_rank)
 
 
 def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -46,7 +58,7 @@ def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 class KvslimBertSelfAttention(BertSelfAttention):
-    """BERT self-attention with `num_key_value_heads` KV heads."""
+    """BERT/RoBERTa self-attention (the two are identical) with `num_key_value_heads` KV heads or a latent KV."""
 
     def __init__(self, config: KvslimBertConfig, is_causal: bool = False, layer_idx: int | None = None):
         super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
@@ -81,15 +93,30 @@ class KvslimBertSelfAttention(BertSelfAttention):
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
 
 
+def _use_kvslim_attention(layers: nn.ModuleList, config) -> None:
+    for i, layer in enumerate(layers):
+        layer.attention.self = KvslimBertSelfAttention(config, is_causal=config.is_decoder, layer_idx=i)
+
+
 class KvslimBertModel(BertModel):
     config_class = KvslimBertConfig
 
     def __init__(self, config: KvslimBertConfig, add_pooling_layer: bool = True):
         super().__init__(config, add_pooling_layer=add_pooling_layer)
-        for i, layer in enumerate(self.encoder.layer):
-            layer.attention.self = KvslimBertSelfAttention(config, is_causal=config.is_decoder, layer_idx=i)
+        _use_kvslim_attention(self.encoder.layer, config)
+        self.post_init()
+
+
+class KvslimRobertaModel(RobertaModel):
+    config_class = KvslimRobertaConfig
+
+    def __init__(self, config: KvslimRobertaConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        _use_kvslim_attention(self.encoder.layer, config)
         self.post_init()
 
 
 KvslimBertConfig.register_for_auto_class()
 KvslimBertModel.register_for_auto_class("AutoModel")
+KvslimRobertaConfig.register_for_auto_class()
+KvslimRobertaModel.register_for_auto_class("AutoModel")
