@@ -128,6 +128,11 @@ class AttentionAdapter:
         """The name a non-attention tensor gets in the converted checkpoint."""
         return name
 
+    def deepseek_layer_tensors(self, reader, layer: int) -> tuple[dict, set]:
+        """Non-attention tensors of `layer` that DeepseekV3 names differently: ({new name: tensor},
+        {source names they replace}). Llama-family layers need none."""
+        return {}, set()
+
     def set_kv_heads(self, config: Any, kv_heads: int) -> None:
         setattr(text_config(config), self.kv_heads_key, kv_heads)
 
@@ -170,6 +175,12 @@ class FusedQKVAdapter(AttentionAdapter):
         q_w, k_w, v_w = qkv.split([q_rows, kv_rows, kv_rows])
         q_b, k_b, v_b = bias.split([q_rows, kv_rows, kv_rows]) if bias is not None else (None, None, None)
         return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
+
+    def deepseek_layer_tensors(self, reader, layer: int) -> tuple[dict, set]:
+        # Phi-3's fused MLP input [gate; up] is DeepseekV3's gate_proj and up_proj
+        name = self.tensor_name(layer, "mlp.gate_up_proj")
+        gate, up = reader.get(name).chunk(2)
+        return {self.tensor_name(layer, "mlp.gate_proj"): gate, self.tensor_name(layer, "mlp.up_proj"): up}, {name}
 
     def write(self, w, layer: int) -> dict:
         import torch

@@ -19,8 +19,9 @@ from .mla import rotation_keep_factor, shared_rope_key
 from .sources import CheckpointSource
 
 # Source architectures whose non-attention blocks DeepseekV3 reproduces exactly (SwiGLU MLP,
-# RMSNorm with weight, plain embeddings) and that have no per-head q/k norm.
-MLA_SOURCES = ("llama", "mistral", "qwen2")
+# RMSNorm with weight, plain embeddings) and that have no per-head q/k norm. (Phi-3's fused
+# gate_up_proj splits into gate_proj and up_proj.)
+MLA_SOURCES = ("llama", "mistral", "qwen2", "phi3")
 # Tensors that implement the latent-norm anchors: the refinement leaves them alone.
 ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_proj")
 
@@ -91,6 +92,11 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     else:
         raise ConversionError("--to mla needs --kv-budget F, or --kv-rank R [--rope-dim D].")
     check_shape(shape, layout, hidden)
+    if adapter.rope(src.config) != adapter.rope_layout:
+        raise ConversionError(
+            f"MLA conversion needs RoPE on the whole head; this '{src.model_type}' rotates only part of it "
+            f"({adapter.rope(src.config)}). Use --to gqa/mqa for this model."
+        )
     theta = source_frequencies(src.config)
     query_bias = adapter.tensor_name(0, adapter.q_proj, "bias") in src.reader.keys()
 
@@ -145,17 +151,18 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
             attn_prefix = f"{adapter.prefix(i)}{adapter.attention_module}."
             converted = layer.tensors(attn_prefix)
             call = _target_call(runner, i, rotary)
+            renamed, replaced = adapter.deepseek_layer_tensors(src.reader, i)
             if refine_steps:
                 converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr,
                                          target_position_embeddings=call["position_embeddings"],
-                                         frozen=ANCHORED)
+                                         frozen=ANCHORED, layer_tensors=renamed)
                 errors.append(round(err, 6))
-            runner.advance(i, target_layers[i], {k: v.float() for k, v in converted.items()}, call=call)
-            source_attn = set(adapter.write(weights, i))
+            runner.advance(i, target_layers[i], {k: v.float() for k, v in {**renamed, **converted}.items()}, call=call)
+            skip = set(adapter.write(weights, i)) | replaced
             for name in src.layer_names(adapter.prefix(i)):
-                if name not in source_attn and not name.startswith(attn_prefix):
+                if name not in skip and not name.startswith(attn_prefix):
                     writer.add(name, _cast(src.reader.get(name), out_dtype))
-            for name, tensor in converted.items():
+            for name, tensor in {**renamed, **converted}.items():
                 writer.add(name, _cast(tensor, out_dtype))
         if errors:
             record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": errors}

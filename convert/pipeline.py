@@ -258,12 +258,13 @@ def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_s
 
 
 def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_position_embeddings=None,
-            frozen: tuple[str, ...] = ()):
+            frozen: tuple[str, ...] = (), layer_tensors: dict | None = None):
+    """`layer_tensors`: other tensors of the target layer whose names the source lacks (renamed MLP)."""
     from .refine import refine_attention
 
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
-    f32 = {k: v.float() for k, v in converted.items()}
+    f32 = {k: v.float() for k, v in {**(layer_tensors or {}), **converted}.items()}
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
                                source.get_submodule(adapter.attention_module), inputs, call, steps, lr,

@@ -391,3 +391,15 @@ def test_roberta_encoder(save_model, tmp_path, text_file):
     assert err["mqa"] < err["mean"]
     torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "mqa", "base", tmp_path),
                                outputs(load(tmp_path / "mqa", "base")), rtol=0, atol=1e-5)
+
+
+def test_phi3_to_deepseek_mla(save_model, tmp_path, text_file):
+    model = phi3(heads=4, kv_heads=1)  # one KV head: a single shared RoPE key reproduces it exactly
+    src = save_model(model, "phi3")
+    kvslim.convert(str(src), tmp_path / "mla", to="mla", kv_rank=65, rope_dim=16, calib_data=str(text_file), **CALIB)
+    out = load(tmp_path / "mla")  # plain Transformers DeepseekV3: the fused gate_up_proj was split
+    assert type(out).__name__ == "DeepseekV3ForCausalLM"
+    torch.testing.assert_close(outputs(out), outputs(model), rtol=0, atol=2e-4)
+    partial = save_model(phi3(heads=4, kv_heads=2, partial_rotary_factor=0.5), "phi3-partial")
+    with pytest.raises(kvslim.ConversionError, match="rotates only part"):
+        kvslim.convert(str(partial), tmp_path / "no", to="mla", kv_budget=0.5, progress=False)
