@@ -61,6 +61,7 @@ class UptrainConfig:
     eval_rows: int = 16
     checkpoint_every: int = 50
     log_every: int = 10
+    report_to: str = "auto"  # also log to: auto (TensorBoard if installed), tensorboard, wandb, all, none
     seed: int = 0
     streaming: bool = False
     overwrite: bool = False
@@ -243,10 +244,12 @@ def run(cfg: UptrainConfig) -> dict:
 
     from ..convert.writer import AtomicDirectory
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else None)
-    set_seed(cfg.seed)
     output = Path(cfg.output)
+    trackers = resolve_trackers(cfg.report_to)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision=cfg.mixed_precision if cfg.mixed_precision != "no" else None,
+                              log_with=trackers or None, project_dir=f"{output}.runs")
+    set_seed(cfg.seed)
     ckpt_root = Path(f"{output}.checkpoints")
     if output.exists() and not cfg.overwrite:
         raise UptrainError(f"Output '{output}' already exists; pass overwrite=true (--overwrite) or another path.")
@@ -275,6 +278,9 @@ def run(cfg: UptrainConfig) -> dict:
         accelerator.load_state(str(resume[-1]))
         step = json.loads((resume[-1] / "kvslim_state.json").read_text())["step"]
         accelerator.print(f"resuming from {resume[-1]} (step {step})")
+    if trackers:  # hyperparameters as flat scalars, which every tracker accepts
+        accelerator.init_trackers("kvslim-uptrain", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                            for k, v in asdict(cfg).items()})
     log_path = Path(f"{output}.log.jsonl")
     log = open(log_path, "a") if accelerator.is_main_process else None
 
@@ -323,6 +329,8 @@ def run(cfg: UptrainConfig) -> dict:
         if log and (step % cfg.log_every == 0 or "eval_ppl" in record):
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if trackers:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if step % cfg.checkpoint_every == 0 and step < total_steps:
             path = ckpt_root / f"step-{step}"
             accelerator.save_state(str(path))
@@ -343,7 +351,25 @@ def run(cfg: UptrainConfig) -> dict:
             (tmp / "kvslim_uptrain.json").write_text(json.dumps(summary, indent=2))
         log.close()
     accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()  # last: it also ends the process group
     return {"steps": step, "evaluations": history}
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """Experiment trackers to log to besides the JSONL file (installed ones only for "auto")."""
+    import importlib.util
+
+    installed = {name: importlib.util.find_spec(name) is not None for name in ("tensorboard", "wandb")}
+    wanted = {"none": [], "auto": ["tensorboard"], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    unknown = [w for w in wanted if w not in installed]
+    if unknown:
+        raise UptrainError(f"Unknown report_to '{report_to}'; valid: auto, tensorboard, wandb, all, none.")
+    if report_to not in ("auto", "all"):
+        missing = [w for w in wanted if not installed[w]]
+        if missing:
+            raise UptrainError(f"report_to={report_to} needs the '{missing[0]}' package: pip install {missing[0]}.")
+    return [w for w in wanted if installed[w]]
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -195,3 +195,20 @@ def test_cli_uptrain(setup, tmp_path):
     assert r.exit_code == 0, r.output
     assert "held-out perplexity" in r.output and load(tmp_path / "cli").config.num_key_value_heads == 1
     assert collate([{"a": torch.zeros(2)}, {"a": torch.ones(2)}])["a"].shape == (2, 2)
+
+
+def test_tensorboard_logging_and_bad_tracker(setup, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe.run(cfg(setup, tmp_path, "tb", tokens=128 * 4, report_to="tensorboard", eval_every=2))
+    events = list((tmp_path / "tb.runs").rglob("events.out.tfevents*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"lm", "total", "eval_ppl"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("lm")] == [1, 2, 3, 4]
+    summary = json.loads((tmp_path / "tb" / "kvslim_uptrain.json").read_text())
+    assert summary["evaluations"][0]["tokens"] == 0  # the converted model before training
+    with pytest.raises(UptrainError, match="report_to"):
+        recipe.run(cfg(setup, tmp_path, "bad", tokens=128, report_to="mlflowz"))
