@@ -83,8 +83,8 @@ GQA_VARIANTS = [
 MLA_VARIANTS = [
     ("svd (MHA2MLA), closed form", dict(mla_init="svd", refine_steps=0)),
     ("pca (TransMLA), closed form", dict(mla_init="pca", refine_steps=0)),
-    ("whitened, closed form", dict(mla_init="whitened", refine_steps=0)),
-    ("whitened + refine (default)", dict(mla_init="whitened")),
+    ("whitened, closed form (default)", dict(mla_init="whitened")),
+    ("whitened + refine 300", dict(mla_init="whitened", refine_steps=300)),
 ]
 RUNS = [(t, label, {**tkw, **vkw})
         for t, tkw in (("12 -> 4", dict(to="gqa", kv_heads=4)), ("12 -> 2", dict(to="gqa", kv_heads=2)),
