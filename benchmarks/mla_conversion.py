@@ -29,7 +29,7 @@ PEERS = {
 }
 
 
-def variants(refine_steps: int, full: bool, only_default: bool = False) -> list[tuple[str, dict]]:
+def variants(refine_steps: int, full: bool, only_default: bool = False, skip_default: bool = False) -> list[tuple[str, dict]]:
     default = (f"default (whitened / rotate + refine {refine_steps})",
                dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))
     if only_default:
@@ -42,10 +42,11 @@ def variants(refine_steps: int, full: bool, only_default: bool = False) -> list[
         rows += [("svd / partial", dict(mla_init="svd", rope_strategy="partial", **closed)),
                  ("pca / partial", dict(mla_init="pca", rope_strategy="partial", **closed))]
         rows += [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial", **closed))]
-    return rows + [default]
+    return rows if skip_default else rows + [default]
 
 
-def run(models, budgets, refine_steps, work: Path, only_default: bool = False, save=None) -> dict:
+def run(models, budgets, refine_steps, work: Path, only_default: bool = False, save=None,
+        skip_default: bool = False) -> dict:
     rows = []
     for key in models:
         spec = {"gutenberg": gutenberg_spec, "smollm2": smollm2_spec}[key](work)
@@ -56,7 +57,8 @@ def run(models, budgets, refine_steps, work: Path, only_default: bool = False, s
         base = child(EVAL_CHILD, spec["source"], json.dumps(spec["eval_files"]), str(spec["window"]))
         print(f"{spec['name']}: source perplexity {base['perplexity']:.2f}", flush=True)
         for budget in budgets:
-            for label, kwargs in variants(refine_steps, full=key == "gutenberg", only_default=only_default):
+            for label, kwargs in variants(refine_steps, full=key == "gutenberg", only_default=only_default,
+                                                skip_default=skip_default):
                 out = work / "mla-out"
                 args = dict(source=spec["source"], output=str(out), to="mla", kv_budget=budget,
                             calib_data=spec["calib"], calib_samples=spec["calib_samples"],
@@ -127,9 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gutenberg,smollm2")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
-    parser.add_argument("--refine-steps", type=int, default=100)
+    parser.add_argument("--refine-steps", type=int, default=300, help="steps of the default row (the shipped MLA default)")
     parser.add_argument("--name", default="mla_conversion")
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
+    parser.add_argument("--skip-default", action="store_true", help="only the closed-form variants")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -139,7 +142,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kvslim-mla-bench-") as tmp:
         result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp),
-                     args.only_default, save)
+                     args.only_default, save, args.skip_default)
     save(result)
     plot(result, RESULTS / f"{args.name}.png")
     print(markdown(result))
