@@ -41,12 +41,19 @@ def read_records(folder: Path) -> tuple[dict | None, dict | None, dict]:
 
 
 def _kib(n: float) -> str:
-    return f"{n / 1024:,.1f} KiB" if n >= 1024 else f"{n:,.0f} B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
 
 
 def _attention_line(record: dict) -> str:
     if record.get("mla"):
         m = record["mla"]
+        if not m["rope_dim"]:
+            return (f"multi-head latent attention: keys and values of all {record['num_heads']} heads from one cached "
+                    f"latent of rank {m['kv_rank']} (kvslim's hosted class)")
         return (f"multi-head latent attention (DeepSeek-V3 format): latent rank {m['kv_rank']} (+{m.get('latent_anchor', 0)} "
                 f"anchor) and a {m['rope_dim']}-dim RoPE key shared by all {record['num_heads']} heads")
     kind = {1: "MQA"}.get(record["kv_heads_after"], "GQA" if record["kv_heads_after"] < record["num_heads"] else "MHA")
@@ -59,9 +66,10 @@ def recipe_rows(record: dict) -> list[tuple[str, str]]:
             ("KV heads", f"{record['kv_heads_before']} -> {record['kv_heads_after']}")]
     if record.get("mla"):
         m = record["mla"]
-        rows += [("latent init", m["init"]), ("RoPE strategy", m["rope_strategy"]),
-                 ("RoPE frequencies kept", f"{m['rope_dim'] // 2} pairs from index {m['rope_frequencies']['start']}, "
-                                           f"stride {m['rope_frequencies']['stride']}")]
+        rows += [("latent init", m["init"]), ("RoPE strategy", m["rope_strategy"])]
+        if m.get("rope_frequencies"):  # MLA without RoPE (GPT-2, OPT, BERT) keeps none
+            rows.append(("RoPE frequencies kept", f"{m['rope_dim'] // 2} pairs from index "
+                         f"{m['rope_frequencies']['start']}, stride {m['rope_frequencies']['stride']}"))
     else:
         rows.append(("method", record["method"] + (" (heads regrouped by similarity)" if record.get("regrouped") else "")))
     cal = record.get("calibration")
@@ -90,7 +98,7 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
     name = repo_id.split("/")[-1]
     lines = [CARD_MARK, f"# {name}", ""]
     if record:
-        lines += [f"`{record['source']}` converted by [kvslim](https://github.com/) to {_attention_line(record)}"
+        lines += [f"`{record['source']}` converted by kvslim to {_attention_line(record)}"
                   + (", then uptrained to recover quality." if uptrain else ", with no training."), "",
                   "## Conversion recipe", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in recipe_rows(record)]
@@ -128,7 +136,7 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
         lines += ["Transformers has no class for this attention layout, so the repository carries its modeling file "
                   "(`auto_map`); read it before enabling `trust_remote_code`. With kvslim installed, "
                   "`import kvslim` registers the class and no remote code is needed.", ""]
-    if record and record.get("mla"):
+    if record and record.get("mla") and not remote:
         lines += ["The checkpoint is a plain `DeepseekV3ForCausalLM`. For a KV cache that holds only the latent and "
                   "absorbed decoding, `import kvslim.modeling; kvslim.modeling.enable(model)`.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines))

@@ -62,7 +62,8 @@ def test_push_uploads_everything_with_a_card(converted, tmp_path, text_file):
     text = card.text
     record = json.loads((out / "kvslim_conversion.json").read_text())
     assert f"{record['kv_heads_before']} -> 1" in text and "aware" in text  # the recipe
-    assert f"{record['kv_bytes_per_token_after'] / 1024:,.1f} KiB" in text or f"{record['kv_bytes_per_token_after']:,} B" in text
+    after = record["kv_bytes_per_token_after"]
+    assert (f"{after / 1024:,.1f} KiB" if after >= 1024 else f"{after:,} B") in text
     assert "| this model |" in text and "| source `" in text  # perplexity before/after
     assert "AutoModelForCausalLM.from_pretrained(repo)" in text and "trust_remote_code" not in text
     no_token_anywhere(proc.stdout, proc.stderr, folder=out)
@@ -126,3 +127,18 @@ def test_user_readme_is_kept(converted, tmp_path):
         proc = kvslim("push", out, "--repo-id", "alice/tiny-mqa", endpoint=hub.endpoint, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert hub.files("alice/tiny-mqa")["README.md"] == b"# my own card\n"
+
+
+def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
+    from test_architectures import gpt2
+
+    from kvslim.convert.publish import render_card
+
+    src = save_model(gpt2(), "gpt2")
+    out = tmp_path / "mla"
+    kvslim_convert = __import__("kvslim").convert
+    kvslim_convert(str(src), str(out), to="mla", kv_budget=0.25, calib_data=str(text_file), calib_samples=8,
+                   calib_seq_len=32, progress=False)
+    text = render_card(out, "me/gpt2-mla").content
+    assert "latent of rank 32" in text and "trust_remote_code=True" in text and "| source | 1.0 KiB |" in text
+    assert "RoPE frequencies kept" not in text and "http" not in text.split("---")[2]
