@@ -129,8 +129,9 @@ def inspect(
     lines += [f"KV at {c // 1024}K ctx".ljust(17) + _human(s.kv_bytes(c)) for c in CONTEXTS]
     if s.conversion:
         c = s.conversion
-        lines.append(f"conversion       {c.get('method')} from {c.get('source')}: KV heads "
-                     f"{c.get('kv_heads_before')} -> {c.get('kv_heads_after')}")
+        what = (f"latent rank {c['mla']['kv_rank']} + RoPE key {c['mla']['rope_dim']}" if c.get("mla") else
+                f"KV heads {c.get('kv_heads_before')} -> {c.get('kv_heads_after')}")
+        lines.append(f"conversion       {c.get('method')} from {c.get('source')}: {what}")
     typer.echo("\n".join(lines))
 
 

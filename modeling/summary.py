@@ -56,7 +56,9 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
     if get("kv_lora_rank") is not None:  # DeepSeek-style multi-head latent attention
         rope = get("qk_rope_head_dim", default=0)
         per_layer = get("kv_lora_rank") + rope
-        kv_heads, head_dim, kind = 1, get("qk_nope_head_dim", default=0) + rope, "MLA"
+        # DeepSeek's query/key head = nope + rope dims; kvslim's hosted MLA (no RoPE) keeps the source's head dim
+        head_dim = get("qk_nope_head_dim", default=0) + rope or get("head_dim", default=hidden // heads)
+        kv_heads, kind = 1, "MLA"
     else:
         kv_heads = get("num_key_value_heads", default=heads)
         if text.model_type in {"gpt2", "gpt_neox", "opt", "bert", "roberta"}:
