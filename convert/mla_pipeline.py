@@ -204,7 +204,7 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
                        kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
                        refine_steps, refine_lr, out_dtype, device, progress, started, save):
     """MLA for architectures without RoPE that kvslim hosts (GPT-2, OPT, BERT): keys and values of all
-    heads from one cached latent (modeling/hosted/kvslim_latent_attention.py); no RoPE key."""
+    heads from one cached latent (modeling/hosted/kvslim_attention.py); no RoPE key."""
     from ..modeling.hosted import hosted_config
     from .calibration import end_token, start_token
     from .mla import convert_attention_latent

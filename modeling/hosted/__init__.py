@@ -50,6 +50,6 @@ def hosted_config(name: str, source_config, kv_heads: int):
 
 
 def save_modeling_file(name: str, directory: Path) -> None:
-    """Copy the modeling file and the latent attention it imports next to a checkpoint."""
-    for path in (Path(HOSTED[name][0].__file__), HERE / "kvslim_latent_attention.py"):
+    """Copy the modeling file and the shared attention pieces it imports next to a checkpoint."""
+    for path in (Path(HOSTED[name][0].__file__), HERE / "kvslim_attention.py"):
         shutil.copy2(path, Path(directory) / path.name)

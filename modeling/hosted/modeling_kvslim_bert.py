@@ -3,30 +3,21 @@
 Transformers' BERT and RoBERTa ignore `num_key_value_heads`, so an encoder converted to GQA/MQA needs this
 class: BERT whose `key`/`value` projections produce `num_key_value_heads` heads, each read by its
 group of query heads. With `kv_lora_rank` set, keys and values come from one low-rank latent per
-token (kvslim_latent_attention.py). Attention stays bidirectional; everything else is BERT.
+token (kvslim_attention.py). Attention stays bidirectional; everything else is BERT.
 
-This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
-(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+This file and kvslim_attention.py need only torch and transformers: they are saved next to
+converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` without kvslim.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from .kvslim_latent_attention import LatentKV, cache_latent
-
-
-def _attention_fields(config, num_key_value_heads: int | None, kv_lora_rank: int | None) -> None:
-    config.num_key_value_heads = num_key_value_heads or config.num_attention_heads
-    config.kv_lora_rank = kv_lora_rank
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError(f"num_key_value_heads ({config.num_key_value_heads}) must divide "
-                         f"num_attention_heads ({config.num_attention_heads}).")
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
 
 
 class KvslimBertConfig(BertConfig):
@@ -34,7 +25,8 @@ class KvslimBertConfig(BertConfig):
 
     def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        _attention_fields(self, num_key_value_heads, kv_lora_rank)
+        set_key_value_heads(self, num_key_value_heads)
+        self.kv_lora_rank = kv_lora_rank
 
 
 class KvslimRobertaConfig(RobertaConfig):
@@ -42,19 +34,8 @@ class KvslimRobertaConfig(RobertaConfig):
 
     def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        _attention_fields(self, num_key_value_heads, kv_lora_rank)
-
-
-def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference attention for any KV head count: each KV head serves its group of query heads."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+        set_key_value_heads(self, num_key_value_heads)
+        self.kv_lora_rank = kv_lora_rank
 
 
 class KvslimBertSelfAttention(BertSelfAttention):

@@ -3,16 +3,15 @@
 Transformers' GPT-2 ignores `num_key_value_heads`, so a GPT-2 converted to GQA/MQA needs this class:
 GPT-2 with a narrower fused `c_attn` (query heads, then `num_key_value_heads` key and value heads)
 and attention that reads each KV head from its query group. With `kv_lora_rank` set, `c_attn`
-computes only queries and keys/values come from a cached latent (kvslim_latent_attention.py).
+computes only queries and keys/values come from a cached latent (kvslim_attention.py).
 Everything else is GPT-2.
 
-This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
-(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+This file and kvslim_attention.py need only torch and transformers: they are saved next to
+converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` without kvslim.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 from transformers.cache_utils import EncoderDecoderCache
@@ -20,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-from .kvslim_latent_attention import LatentKV, cache_latent
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
 
 
 class KvslimGPT2Config(GPT2Config):
@@ -28,24 +27,10 @@ class KvslimGPT2Config(GPT2Config):
 
     def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.num_key_value_heads = num_key_value_heads or self.n_head
+        set_key_value_heads(self, num_key_value_heads)
         self.kv_lora_rank = kv_lora_rank
-        if self.n_head % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide n_head ({self.n_head}).")
         if self.add_cross_attention:
             raise ValueError("kvslim's GPT-2 has no cross-attention.")
-
-
-def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference attention for any KV head count: each KV head serves its group of query heads."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1).type(value.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2), weights
 
 
 class KvslimGPT2Attention(GPT2Attention):

@@ -5,11 +5,13 @@ class. Its fused `query_key_value` holds all query heads, then the `num_key_valu
 then the value heads (the source interleaves q/k/v per head; with fewer KV heads there is nothing to
 interleave). Partial rotary embeddings, parallel residual and everything else are GPT-NeoX.
 
-This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
-(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+This file and kvslim_attention.py need only torch and transformers: they are saved next to
+converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` without kvslim.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,28 +19,18 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, apply_rotary_pos_emb
 
+from .kvslim_attention import eager_gqa_attention, set_key_value_heads
+
+# GPT-NeoX's own eager attention takes the softmax in float32
+eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
+
 
 class KvslimGPTNeoXConfig(GPTNeoXConfig):
     model_type = "kvslim_gpt_neox"
 
     def __init__(self, num_key_value_heads: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"num_attention_heads ({self.num_attention_heads}).")
-
-
-def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference attention for any KV head count: each KV head serves its group of query heads."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+        set_key_value_heads(self, num_key_value_heads)
 
 
 class KvslimGPTNeoXAttention(GPTNeoXAttention):
@@ -61,7 +53,7 @@ class KvslimGPTNeoXAttention(GPTNeoXAttention):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
                                  dropout=self.attention_dropout if self.training else 0.0, **kwargs)
         return self.dense(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights

@@ -3,13 +3,15 @@
 Transformers' OPT ignores `num_key_value_heads`, so an OPT converted to GQA/MQA needs this class:
 OPT whose `k_proj`/`v_proj` produce `num_key_value_heads` heads, each read by its group of query
 heads. With `kv_lora_rank` set there are no k/v projections: keys and values come from a cached
-latent (kvslim_latent_attention.py). Everything else is OPT (learned positions, biases, norms).
+latent (kvslim_attention.py). Everything else is OPT (learned positions, biases, norms).
 
-This file is self-contained (torch + transformers only): it is saved next to converted checkpoints
-(`auto_map`), so they load with `trust_remote_code=True` where kvslim is not installed.
+This file and kvslim_attention.py need only torch and transformers: they are saved next to
+converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` without kvslim.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,7 +19,10 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention
 
-from .kvslim_latent_attention import LatentKV, cache_latent
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
+
+# OPT's own eager attention takes the softmax in float32
+eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
 
 
 class KvslimOPTConfig(OPTConfig):
@@ -25,23 +30,8 @@ class KvslimOPTConfig(OPTConfig):
 
     def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.num_key_value_heads = num_key_value_heads or self.num_attention_heads
+        set_key_value_heads(self, num_key_value_heads)
         self.kv_lora_rank = kv_lora_rank
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide "
-                             f"num_attention_heads ({self.num_attention_heads}).")
-
-
-def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Reference attention for any KV head count: each KV head serves its group of query heads."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class KvslimOPTAttention(OPTAttention):
@@ -63,7 +53,7 @@ class KvslimOPTAttention(OPTAttention):
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
         bsz, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(bsz, length, -1, self.head_dim).transpose(1, 2)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
         if self.config.kv_lora_rank:
             latent = cache_latent(past_key_values, self.latent.latent(hidden_states), self.layer_idx)
