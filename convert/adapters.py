@@ -116,13 +116,18 @@ class AttentionAdapter:
     def write_latent(self, w, latent: dict, layer: int) -> dict:
         """Checkpoint tensors of a hosted MLA layer: queries and output as before, keys and values
         from `latent` (convert_attention_latent's kv_a/kv_b)."""
-        out = {self.tensor_name(layer, self.q_proj): w.q_w, self.tensor_name(layer, self.o_proj): w.o_w}
+        out = {self.tensor_name(layer, self.q_proj): self._put(w.q_w),
+               self.tensor_name(layer, self.o_proj): self._put(w.o_w)}
         if w.q_b is not None:
             out[self.tensor_name(layer, self.q_proj, "bias")] = w.q_b
         base = f"{self.prefix(layer)}{self.q_proj.rsplit('.', 1)[0]}.latent."
         out.update({base + "kv_a_proj.weight": latent["kv_a_weight"], base + "kv_a_proj.bias": latent["kv_a_bias"],
                     base + "kv_b_proj.weight": latent["kv_b_weight"]})
         return out
+
+    def _put(self, t):
+        """A weight in nn.Linear layout as the checkpoint stores it."""
+        return t
 
     def output_name(self, name: str) -> str:
         """The name a non-attention tensor gets in the converted checkpoint."""
@@ -151,30 +156,52 @@ class AttentionAdapter:
 
 @dataclass(frozen=True)
 class FusedQKVAdapter(AttentionAdapter):
-    """One projection computes [q; k; v] (Phi-3's qkv_proj), rows in that order."""
+    """One projection computes [q; k; v] (rows in that order, e.g. Phi-3's qkv_proj). `conv1d`:
+    weights are stored in x out (GPT-2's Conv1D) and are transposed on the way in and out."""
 
     qkv_proj: str = "self_attn.qkv_proj"
+    conv1d: bool = False
 
     def required(self, layer: int) -> list[str]:
         return [self.tensor_name(layer, self.qkv_proj), self.tensor_name(layer, self.o_proj)]
 
-    def _sizes(self, w) -> list[int]:
-        q, kv = w.q_w.shape[0], w.k_w.shape[0]
-        return [q, kv, kv]
+    def split_qkv(self, t, layout: AttentionLayout) -> list:
+        """Rows of the fused projection (weight or bias) as [q, k, v]."""
+        hd = layout.head_dim
+        return t.split([layout.num_heads * hd, layout.num_kv_heads * hd, layout.num_kv_heads * hd])
+
+    def _get(self, reader, layer: int, module: str, kind: str = "weight"):
+        name = self.tensor_name(layer, module, kind)
+        if name not in reader.keys():
+            return None
+        t = reader.get(name)
+        return t.T if self.conv1d and kind == "weight" else t
+
+    def _put(self, t):
+        return t.T.contiguous() if self.conv1d else t
 
     def read(self, reader, layer: int, layout: AttentionLayout):
         from .gqa import AttentionWeights
 
-        keys = reader.keys()
-        qkv = reader.get(self.tensor_name(layer, self.qkv_proj))
-        bias_name = self.tensor_name(layer, self.qkv_proj, "bias")
-        bias = reader.get(bias_name) if bias_name in keys else None
-        o = reader.get(self.tensor_name(layer, self.o_proj))
-        q_rows = o.shape[1]
-        kv_rows = (qkv.shape[0] - q_rows) // 2
-        q_w, k_w, v_w = qkv.split([q_rows, kv_rows, kv_rows])
-        q_b, k_b, v_b = bias.split([q_rows, kv_rows, kv_rows]) if bias is not None else (None, None, None)
-        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
+        q_w, k_w, v_w = self.split_qkv(self._get(reader, layer, self.qkv_proj), layout)
+        bias = self._get(reader, layer, self.qkv_proj, "bias")
+        q_b, k_b, v_b = self.split_qkv(bias, layout) if bias is not None else (None, None, None)
+        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=self._get(reader, layer, self.o_proj),
+                                q_b=q_b, k_b=k_b, v_b=v_b)
+
+    def write(self, w, layer: int) -> dict:
+        import torch
+
+        out = {self.tensor_name(layer, self.qkv_proj): self._put(torch.cat([w.q_w, w.k_w, w.v_w])),
+               self.tensor_name(layer, self.o_proj): self._put(w.o_w)}
+        if w.q_b is not None:
+            out[self.tensor_name(layer, self.qkv_proj, "bias")] = torch.cat([w.q_b, w.k_b, w.v_b])
+        return out
+
+
+@dataclass(frozen=True)
+class Phi3Adapter(FusedQKVAdapter):
+    """Phi-3: fused qkv_proj, and a fused MLP that DeepseekV3 (the MLA target) keeps separate."""
 
     def deepseek_layer_tensors(self, reader, layer: int) -> tuple[dict, set]:
         # Phi-3's fused MLP input [gate; up] is DeepseekV3's gate_proj and up_proj
@@ -182,25 +209,19 @@ class FusedQKVAdapter(AttentionAdapter):
         gate, up = reader.get(name).chunk(2)
         return {self.tensor_name(layer, "mlp.gate_proj"): gate, self.tensor_name(layer, "mlp.up_proj"): up}, {name}
 
-    def write(self, w, layer: int) -> dict:
-        import torch
-
-        out = {self.tensor_name(layer, self.qkv_proj): torch.cat([w.q_w, w.k_w, w.v_w]),
-               self.tensor_name(layer, self.o_proj): w.o_w}
-        if w.q_b is not None:
-            out[self.tensor_name(layer, self.qkv_proj, "bias")] = torch.cat([w.q_b, w.k_b, w.v_b])
-        return out
-
 
 @dataclass(frozen=True)
-class GPT2Adapter(AttentionAdapter):
+class GPT2Adapter(FusedQKVAdapter):
     """GPT-2: fused c_attn and c_proj are Conv1D (weight stored as in x out), learned positions."""
 
     base_path: str = "transformer"
     layers_path: str = "transformer.h"
+    qkv_proj: str = "attn.c_attn"
+    o_proj: str = "attn.c_proj"
+    q_proj: str = "attn.c_attn"  # with an MLA latent, c_attn computes only the queries
     attention_module: str = "attn"
     rope_layout: str = "none"
-    kv_heads_key: str = "num_key_value_heads"
+    conv1d: bool = True
     hosted: str | None = "gpt2"
 
     def layout(self, config: Any) -> AttentionLayout:
@@ -208,81 +229,28 @@ class GPT2Adapter(AttentionAdapter):
         kv = getattr(config, "num_key_value_heads", None) or heads
         return AttentionLayout(config.n_layer, heads, kv, config.n_embd // heads, config.n_embd)
 
-    def required(self, layer: int) -> list[str]:
-        return [self.tensor_name(layer, "attn.c_attn"), self.tensor_name(layer, "attn.c_proj")]
-
-    def read(self, reader, layer: int, layout: AttentionLayout):
-        from .gqa import AttentionWeights
-
-        c_attn = reader.get(self.tensor_name(layer, "attn.c_attn")).T  # Conv1D -> Linear layout
-        bias = reader.get(self.tensor_name(layer, "attn.c_attn", "bias"))
-        o = reader.get(self.tensor_name(layer, "attn.c_proj")).T
-        q_rows = o.shape[1]
-        kv_rows = (c_attn.shape[0] - q_rows) // 2
-        q_w, k_w, v_w = c_attn.split([q_rows, kv_rows, kv_rows])
-        q_b, k_b, v_b = bias.split([q_rows, kv_rows, kv_rows])
-        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
-
-    def write(self, w, layer: int) -> dict:
-        import torch
-
-        return {self.tensor_name(layer, "attn.c_attn"): torch.cat([w.q_w, w.k_w, w.v_w]).T.contiguous(),
-                self.tensor_name(layer, "attn.c_attn", "bias"): torch.cat([w.q_b, w.k_b, w.v_b]),
-                self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous()}
-
-    def write_latent(self, w, latent: dict, layer: int) -> dict:
-        base = self.tensor_name(layer, "attn.latent")[: -len("weight")]
-        return {self.tensor_name(layer, "attn.c_attn"): w.q_w.T.contiguous(),  # queries only
-                self.tensor_name(layer, "attn.c_attn", "bias"): w.q_b,
-                self.tensor_name(layer, "attn.c_proj"): w.o_w.T.contiguous(),
-                base + "kv_a_proj.weight": latent["kv_a_weight"], base + "kv_a_proj.bias": latent["kv_a_bias"],
-                base + "kv_b_proj.weight": latent["kv_b_weight"]}
-
 
 @dataclass(frozen=True)
-class GPTNeoXAdapter(AttentionAdapter):
+class GPTNeoXAdapter(FusedQKVAdapter):
     """GPT-NeoX/Pythia: fused query_key_value interleaved per head ([q_h; k_h; v_h] for each head),
     partial rotary. The converted model (kvslim's class) stores [all q; k heads; v heads]."""
 
     base_path: str = "gpt_neox"
     layers_path: str = "gpt_neox.layers"
+    qkv_proj: str = "attention.query_key_value"
+    o_proj: str = "attention.dense"
     attention_module: str = "attention"
     hosted: str | None = "gpt_neox"
-
-    def required(self, layer: int) -> list[str]:
-        return [self.tensor_name(layer, "attention.query_key_value"), self.tensor_name(layer, "attention.dense")]
 
     def output_name(self, name: str) -> str:
         # Transformers renames GPT-NeoX's embed_out to lm_head for its own class name only
         return "lm_head." + name[len("embed_out."):] if name.startswith("embed_out.") else name
 
-    def _split(self, t, heads: int, kv_heads: int, head_dim: int):
-        if kv_heads == heads:  # Transformers' GPT-NeoX: per-head interleaving
-            per_head = t.reshape(heads, 3, head_dim, *t.shape[1:])
-            return [per_head[:, j].reshape(heads * head_dim, *t.shape[1:]) for j in range(3)]
-        return t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
-
-    def read(self, reader, layer: int, layout: AttentionLayout):
-        from .gqa import AttentionWeights
-
-        keys = reader.keys()
-        qkv = reader.get(self.tensor_name(layer, "attention.query_key_value"))
-        o = reader.get(self.tensor_name(layer, "attention.dense"))
-        bias_name = self.tensor_name(layer, "attention.query_key_value", "bias")
-        bias = reader.get(bias_name) if bias_name in keys else None
-        args = (layout.num_heads, layout.num_kv_heads, layout.head_dim)
-        q_w, k_w, v_w = self._split(qkv, *args)
-        q_b, k_b, v_b = self._split(bias, *args) if bias is not None else (None, None, None)
-        return AttentionWeights(q_w=q_w, k_w=k_w, v_w=v_w, o_w=o, q_b=q_b, k_b=k_b, v_b=v_b)
-
-    def write(self, w, layer: int) -> dict:
-        import torch
-
-        out = {self.tensor_name(layer, "attention.query_key_value"): torch.cat([w.q_w, w.k_w, w.v_w]),
-               self.tensor_name(layer, "attention.dense"): w.o_w}
-        if w.q_b is not None:
-            out[self.tensor_name(layer, "attention.query_key_value", "bias")] = torch.cat([w.q_b, w.k_b, w.v_b])
-        return out
+    def split_qkv(self, t, layout: AttentionLayout) -> list:
+        if layout.num_kv_heads != layout.num_heads:  # kvslim's class: plain [q; k; v]
+            return super().split_qkv(t, layout)
+        per_head = t.reshape(layout.num_heads, 3, layout.head_dim, *t.shape[1:])  # Transformers' interleaving
+        return [per_head[:, j].reshape(layout.num_heads * layout.head_dim, *t.shape[1:]) for j in range(3)]
 
 
 @dataclass(frozen=True)
@@ -349,7 +317,7 @@ register_adapter(AttentionAdapter("gemma", ("gemma", "gemma2")))
 # Per-head q/k RMSNorm before RoPE.
 register_adapter(AttentionAdapter("qwen3", ("qwen3", "qwen3_moe"), qk_norm=True))
 register_adapter(AttentionAdapter("gemma3", ("gemma3_text",), qk_norm=True, qk_norm_offset=1.0))
-register_adapter(FusedQKVAdapter("phi3", ("phi3",)))
+register_adapter(Phi3Adapter("phi3", ("phi3",)))
 # Transformers' classes ignore num_key_value_heads here: the output uses kvslim's hosted class.
 register_adapter(GPT2Adapter("gpt2", ("gpt2",)))
 register_adapter(GPTNeoXAdapter("gpt_neox", ("gpt_neox",)))
