@@ -127,6 +127,19 @@ def _virtual_heads(w: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     return per_kv.repeat_interleave(layout.group_size, dim=0)
 
 
+def head_views(weights: AttentionWeights, layout: AttentionLayout):
+    """Per query head, float64, acting on the input augmented with a constant 1: q, k, v
+    (num_heads, hd, D) - a GQA source's KV heads repeated for each query head that reads them -
+    and o (num_heads, d_out, hd), each head's o_proj columns."""
+    f64 = torch.float64
+    nh, hd = layout.num_heads, layout.head_dim
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, -1)
+    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    return q, k, v, o
+
+
 def _to_complex(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     """(..., hd, D) real -> (..., hd/2, D) complex, one row per RoPE frequency."""
     return torch.complex(w[..., re, :], w[..., im, :])
@@ -269,12 +282,7 @@ def convert_attention(
     d = weights.q_w.shape[1]
     f64 = torch.float64
 
-    q = _augmented(weights.q_w.to(f64), None if weights.q_b is None else weights.q_b.to(f64))
-    q = q.reshape(nh, hd, d + 1)[order]
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)[order]
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)[order]
-    o = weights.o_w.to(f64).reshape(-1, nh, hd)[:, order]  # (d_out, nh, hd)
-    o = o.permute(1, 0, 2).contiguous()  # (nh, d_out, hd)
+    q, k, v, o = (t[order].contiguous() for t in head_views(weights, layout))  # query heads regrouped
 
     if cov is None:
         cov = torch.eye(d + 1, dtype=f64)
@@ -356,10 +364,7 @@ def pairwise_merge_cost(
     d = weights.q_w.shape[1]
     f64 = torch.float64
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
-    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    q, k, v, o = head_views(weights, layout)
     re, im = pair_indices(hd, rope_layout)
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
     s = query_energy(q, cov, re, im, q_norm).sqrt()  # (nh, F)

@@ -46,7 +46,7 @@ import torch
 
 from .adapters import AttentionLayout
 from .errors import ConversionError
-from .gqa import AttentionWeights, _augmented, _from_complex, _opt64, _sym_sqrt, _to_complex, _virtual_heads
+from .gqa import AttentionWeights, _from_complex, _sym_sqrt, _to_complex, head_views
 from .gqa import merge_keys_aware, pair_indices, query_energy
 
 INITS = ("whitened", "pca", "svd")
@@ -236,10 +236,7 @@ def convert_attention_latent(weights: AttentionWeights, layout: AttentionLayout,
     d = weights.q_w.shape[1]
     f64 = torch.float64
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, d + 1)
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
-    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    q, k, v, o = head_views(weights, layout)
     down, up = joint_latent(k, v, q, o, cov, rank, init)
     kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, rank), up[nh * hd:].reshape(nh, hd, rank)], dim=1)
     dtype = weights.q_w.dtype
@@ -275,10 +272,7 @@ def convert_attention_mla(
     re, im = pair_indices(hd, rope_layout)
     F, P = hd // 2, shape.rope_dim // 2
 
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, D)
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
-    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)  # (nh, d_out, hd)
+    q, k, v, o = head_views(weights, layout)  # (nh, hd, D) x3, (nh, d_out, hd)
     qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
     beta = rotation_keep_factor(theta, context)  # (F,)
 

@@ -172,13 +172,11 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
 
 def _frequency_gain(weights, layout, theta, cov, strategy, context, rope_layout) -> torch.Tensor:
     """Per-frequency benefit of keeping a pair under RoPE (the criterion the layer conversion uses)."""
-    from .gqa import _augmented, _opt64, _virtual_heads, pair_indices
+    from .gqa import head_views, pair_indices
 
-    hd, nh, f64 = layout.head_dim, layout.num_heads, torch.float64
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, -1)
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    q, k, _, _ = head_views(weights, layout)
     *_, gain = shared_rope_key(q, k, cov, rotation_keep_factor(theta, context), strategy,
-                               *pair_indices(hd, rope_layout))
+                               *pair_indices(layout.head_dim, rope_layout))
     return gain if strategy == "partial" else gain / gain.sum().clamp(min=1e-30)
 
 
