@@ -58,6 +58,18 @@ def tokenize_corpus(texts: list[str], tokenizer, max_tokens: int | None) -> list
     return ids
 
 
+def bos_windows(token_ids: list[int], window: int, bos_token_id: int | None) -> torch.Tensor:
+    """Non-overlapping (n, window) rows: BOS (when the model has one), then window - 1 text tokens."""
+    body = window - (bos_token_id is not None)
+    n = len(token_ids) // body
+    if n == 0:
+        raise ConversionError(f"Evaluation text is too short: {len(token_ids)} tokens, one window needs {body}.")
+    rows = torch.tensor(token_ids[: n * body]).view(n, body)
+    if bos_token_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_token_id), rows], dim=1)
+    return rows
+
+
 @torch.no_grad()
 def perplexity(
     model, token_ids: list[int], window: int = 512, stride: int | None = None,
@@ -72,13 +84,8 @@ def perplexity(
     """
     device = next(model.parameters()).device
     if stride is None:
-        body = window - (bos_token_id is not None)
-        n = len(token_ids) // body
-        if n == 0:
-            raise ConversionError(f"Evaluation text is too short: {len(token_ids)} tokens, one window needs {body}.")
-        rows = torch.tensor(token_ids[: n * body]).view(n, body)
-        if bos_token_id is not None:
-            rows = torch.cat([torch.full((n, 1), bos_token_id), rows], dim=1)
+        rows = bos_windows(token_ids, window, bos_token_id)
+        n = rows.shape[0]
         nll, count = 0.0, 0
         for batch in tqdm(rows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)

@@ -164,7 +164,7 @@ def report(source: str, converted: str, data: list[str], output: str | Path, win
     """Compare `converted` with `source` on `data`; write report.json/.png/.html into `output`."""
     from ..convert.calibration import read_texts
     from ..convert.writer import AtomicDirectory
-    from .perplexity import load_causal_lm, tokenize_corpus
+    from .perplexity import bos_windows, load_causal_lm, tokenize_corpus
     from .summary import describe
 
     target = AtomicDirectory(output, overwrite=True)
@@ -174,15 +174,8 @@ def report(source: str, converted: str, data: list[str], output: str | Path, win
         raise ConversionError("The two models use different tokenizers; a report compares a model with its own conversion.")
     texts = [t for spec in data for t in read_texts(spec)]
     ids = tokenize_corpus(texts, src_tok, max_tokens)
-    bos = src_tok.bos_token_id
-    body = window - (bos is not None)
-    n = len(ids) // body
-    if n == 0:
-        raise ConversionError(f"The report data is too short: {len(ids)} tokens, one window needs {body}.")
-    windows = torch.tensor(ids[: n * body]).view(n, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((n, 1), bos), windows], dim=1)
-    result = {"source": source, "converted": converted, "data": list(data), "window": window, "windows": n,
+    windows = bos_windows(ids, window, src_tok.bos_token_id)
+    result = {"source": source, "converted": converted, "data": list(data), "window": window, "windows": len(windows),
               **compare(src_model, conv_model, windows, batch_size, progress),
               "kv_bytes_per_token": {"source": describe(src_model.config).kv_bytes_per_token,
                                      "converted": describe(conv_model.config).kv_bytes_per_token}}
