@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import CONVERT_CHILD, RESULTS, SHARED, child, figure, gutenberg_spec, machine, machine_line  # noqa: E402
+from gqa_conversion import CONVERT_CHILD, SHARED, child, figure, gutenberg_spec, machine, machine_line, save_results  # noqa: E402
 
 MEASURE_CHILD = r"""
 import json, resource, sys, time
@@ -136,11 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-speed-") as tmp:
         result = run([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
                      args.steps, args.chunk, Path(tmp))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.name}.png")
-    print(markdown(result))
+    print(save_results(args.name, result, markdown, plot))
 
 
 if __name__ == "__main__":

