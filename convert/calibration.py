@@ -118,6 +118,16 @@ def token_windows(
     return out
 
 
+def calibration_windows(source: CheckpointSource, spec: str | None, num: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    """The calibration token windows of a conversion (`spec` None: the default dataset), and what
+    the conversion record says about them."""
+    spec = spec or DEFAULT_CALIB_DATASET
+    tokenizer = source.load_tokenizer()
+    ids = token_windows(read_texts(spec), tokenizer, num, seq_len, start_token(tokenizer), min_num=min(8, num),
+                        eos_token_id=end_token(tokenizer))
+    return ids, {"data": spec, "samples": int(ids.shape[0]), "seq_len": seq_len, "tokens": int(ids.numel())}
+
+
 class _Passthrough(nn.Module):
     """Stands in for a decoder layer; records the arguments the model gives that layer."""
 

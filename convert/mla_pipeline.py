@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, text_config
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, meta_model, read_texts, token_windows
+from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
 from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_shape, convert_attention_mla, rope_progression, shape_for_budget
 from .mla import rotation_keep_factor, shared_rope_key
@@ -69,7 +69,7 @@ def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], que
 def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
                 kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
                 refine_steps, refine_lr, out_dtype, device, progress, started, save):
-    from .pipeline import _cast, _refine
+    from .pipeline import _cast, _refine, copy_non_layer_tensors
 
     if src.model_type not in MLA_SOURCES:
         raise ConversionError(
@@ -100,11 +100,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     theta = source_frequencies(src.config)
     query_bias = adapter.tensor_name(0, adapter.q_proj, "bias") in src.reader.keys()
 
-    spec = calib_data or DEFAULT_CALIB_DATASET
-    tokenizer = src.load_tokenizer()
-    ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len,
-                        getattr(tokenizer, "bos_token_id", None), min_num=min(8, calib_samples))
-    record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
+    ids, record.calibration = calibration_windows(src, calib_data, calib_samples, calib_seq_len)
     runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
 
     # Pass 1 (source stream): choose one RoPE frequency progression for all layers, because
@@ -136,10 +132,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     scaling = layout.head_dim ** -0.5
     with out as tmp:
         writer = writer_factory(tmp)
-        prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
-        for name in src.reader.keys():
-            if not name.startswith(prefixes):
-                writer.add(name, _cast(src.reader.get(name), out_dtype))
+        copy_non_layer_tensors(src, adapter, layout, writer, out_dtype)
         errors = []
         for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {shape.kv_rank}, rope {shape.rope_dim})",
                       unit="layer", disable=not progress):
@@ -204,9 +197,8 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
     """MLA for architectures without RoPE that kvslim hosts (GPT-2, OPT, BERT): keys and values of all
     heads from one cached latent (modeling/hosted/kvslim_attention.py); no RoPE key."""
     from ..modeling.hosted import hosted_config
-    from .calibration import end_token, start_token
     from .mla import convert_attention_latent
-    from .pipeline import _cast, _refine
+    from .pipeline import _cast, _refine, copy_non_layer_tensors
 
     if adapter.rope(src.config) != "none":
         raise ConversionError(
@@ -232,11 +224,7 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
         raise ConversionError(f"--kv-rank {kv_rank} is impossible for this model: the latent can have rank 1 to "
                               f"{max_rank} (min of 2 * heads * head_dim and hidden + 1).")
 
-    spec = calib_data or DEFAULT_CALIB_DATASET
-    tokenizer = src.load_tokenizer()
-    ids = token_windows(read_texts(spec), tokenizer, calib_samples, calib_seq_len, start_token(tokenizer),
-                        min_num=min(8, calib_samples), eos_token_id=end_token(tokenizer))
-    record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len, "tokens": int(ids.numel())}
+    ids, record.calibration = calibration_windows(src, calib_data, calib_samples, calib_seq_len)
     runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
     config = hosted_config(adapter.hosted, src.config, layout.num_heads)
     config.kv_lora_rank = kv_rank
@@ -250,10 +238,7 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
 
     with out as tmp:
         writer = writer_factory(tmp)
-        prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
-        for name in src.reader.keys():
-            if not name.startswith(prefixes):
-                writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
+        copy_non_layer_tensors(src, adapter, layout, writer, out_dtype)
         errors = []
         for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {kv_rank})", unit="layer", disable=not progress):
             weights = adapter.read(src.reader, i, layout)

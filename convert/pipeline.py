@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import AttentionAdapter, get_adapter
-from .calibration import DEFAULT_CALIB_DATASET, LayerwiseRunner, end_token, meta_model, read_texts, start_token, token_windows
+from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
 from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .sources import CheckpointSource, open_source
@@ -176,14 +176,7 @@ def convert(
 
     runner = target_layers = None
     if calibrate:
-        spec = calib_data or DEFAULT_CALIB_DATASET
-        tokenizer = src.load_tokenizer()
-        texts = read_texts(spec)
-        bos = start_token(tokenizer)
-        ids = token_windows(texts, tokenizer, calib_samples, calib_seq_len, bos, min_num=min(8, calib_samples),
-                            eos_token_id=end_token(tokenizer))
-        record.calibration = {"data": spec, "samples": int(ids.shape[0]), "seq_len": calib_seq_len,
-                              "tokens": int(ids.numel())}
+        ids, record.calibration = calibration_windows(src, calib_data, calib_samples, calib_seq_len)
         runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
         target = meta_model(adapter.target_config(src.config, target_kv), adapter.model_kind)
         target_layers = list(target.get_submodule(adapter.layers_path))
@@ -191,10 +184,7 @@ def convert(
     rope = adapter.rope(src.config)
     with out as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        layer_prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
-        for name in src.reader.keys():
-            if not name.startswith(layer_prefixes):
-                writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
+        copy_non_layer_tensors(src, adapter, layout, writer, out_dtype)
         groups_log, refine_log = [], []
         bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {target_kv} KV heads)",
                    unit="layer", disable=not progress)
@@ -294,6 +284,14 @@ def _version() -> str:
         return version("kvslim")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def copy_non_layer_tensors(src: CheckpointSource, adapter: AttentionAdapter, layout, writer, out_dtype) -> None:
+    """Embeddings, final norm, head: everything outside the decoder layers goes out unchanged."""
+    layer_prefixes = tuple(adapter.prefix(i) for i in range(layout.num_layers))
+    for name in src.reader.keys():
+        if not name.startswith(layer_prefixes):
+            writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
