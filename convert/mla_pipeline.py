@@ -26,6 +26,17 @@ MLA_SOURCES = ("llama", "mistral", "qwen2", "phi3")
 ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_proj")
 
 
+def check_budget_or_rank(kv_budget: float | None, kv_rank: int | None, rank_usage: str) -> bool:
+    """Exactly one of --kv-budget (a fraction in (0, 1]) and --kv-rank; True when it is the budget."""
+    if kv_budget is None and kv_rank is None:
+        raise ConversionError(f"--to mla needs --kv-budget F, or {rank_usage}.")
+    if kv_budget is not None and kv_rank is not None:
+        raise ConversionError(f"Give either --kv-budget or {rank_usage}, not both.")
+    if kv_budget is not None and not 0 < kv_budget <= 1:
+        raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
+    return kv_budget is not None
+
+
 def source_frequencies(config) -> torch.Tensor:
     text = text_config(config)
     rope = getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)}
@@ -81,16 +92,10 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     if rope_strategy not in ROPE_STRATEGIES:
         raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
     hidden = layout.hidden_size
-    if kv_budget is not None:
-        if kv_rank is not None:
-            raise ConversionError("Give either --kv-budget or --kv-rank (with --rope-dim), not both.")
-        if not 0 < kv_budget <= 1:
-            raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
+    if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R [--rope-dim D]"):
         shape = shape_for_budget(kv_budget, layout, hidden, rope_dim)
-    elif kv_rank is not None:
-        shape = MLAShape(kv_rank, rope_dim if rope_dim is not None else min(layout.head_dim, 64))
     else:
-        raise ConversionError("--to mla needs --kv-budget F, or --kv-rank R [--rope-dim D].")
+        shape = MLAShape(kv_rank, rope_dim if rope_dim is not None else min(layout.head_dim, 64))
     check_shape(shape, layout, hidden)
     if adapter.rope(src.config) != adapter.rope_layout:
         raise ConversionError(
@@ -212,14 +217,8 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
         raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
     source_elements = 2 * layout.num_kv_heads * layout.head_dim
     max_rank = min(2 * layout.num_heads * layout.head_dim, layout.hidden_size + 1)
-    if kv_budget is not None:
-        if kv_rank is not None:
-            raise ConversionError("Give either --kv-budget or --kv-rank, not both.")
-        if not 0 < kv_budget <= 1:
-            raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
+    if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R"):
         kv_rank = min(int(kv_budget * source_elements + 1e-9), max_rank)
-    elif kv_rank is None:
-        raise ConversionError("--to mla needs --kv-budget F or --kv-rank R.")
     if not 1 <= kv_rank <= max_rank:
         raise ConversionError(f"--kv-rank {kv_rank} is impossible for this model: the latent can have rank 1 to "
                               f"{max_rank} (min of 2 * heads * head_dim and hidden + 1).")
