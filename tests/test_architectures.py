@@ -55,6 +55,13 @@ def outputs(model, ids=IDS, mask=None):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def greedy_without_cache(model, steps: int, ids=IDS[:1]) -> torch.Tensor:
+    """The tokens greedy generate() must give: one full forward per step, no cache."""
+    for _ in range(steps):
+        ids = torch.cat([ids, outputs(model, ids)[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
 def load(path, kind="causal", **kwargs):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -170,10 +177,7 @@ def test_gpt2_mqa_generate_sdpa_and_padding(save_model, tmp_path):
     torch.testing.assert_close(outputs(sdpa, mask=mask)[mask.bool()], outputs(eager, mask=mask)[mask.bool()],
                                rtol=1e-4, atol=1e-5)
     generated = sdpa.generate(IDS[:1], max_new_tokens=6, do_sample=False)
-    ids = IDS[:1]
-    for _ in range(6):  # the same tokens without a cache, one full forward per step
-        ids = torch.cat([ids, outputs(eager, ids)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(generated, ids)
+    assert torch.equal(generated, greedy_without_cache(eager, 6))
     assert sdpa.transformer.h[0].attn.c_attn.weight.shape[1] == 64 + 2 * 16  # one KV head
     from kvslim.modeling import disable, enable
 
@@ -274,11 +278,7 @@ def test_opt_gqa_is_exact_where_it_should_be_and_loads_remotely(save_model, tmp_
     assert type(gqa).__name__ == "KvslimOPTForCausalLM"
     assert gqa.model.decoder.layers[0].self_attn.k_proj.weight.shape == (32, 64)
     torch.testing.assert_close(outputs(gqa), outputs(model), rtol=1e-4, atol=1e-4)
-    generated = gqa.generate(IDS[:1], max_new_tokens=5, do_sample=False)
-    ids = IDS[:1]
-    for _ in range(5):
-        ids = torch.cat([ids, outputs(gqa, ids)[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(generated, ids)
+    assert torch.equal(gqa.generate(IDS[:1], max_new_tokens=5, do_sample=False), greedy_without_cache(gqa, 5))
     torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "gqa", "causal", tmp_path), outputs(gqa),
                                rtol=0, atol=1e-5)
 
@@ -354,10 +354,7 @@ def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_mod
         layer = cache.layers[0]
         assert layer.keys.shape == (2, 1, IDS.shape[1], 32) and layer.values.numel() == 0  # only the latent
         generated = quarter.generate(IDS[:1], max_new_tokens=5, do_sample=False)
-        ids = IDS[:1]
-        for _ in range(5):
-            ids = torch.cat([ids, outputs(quarter, ids)[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(generated, ids)
+        assert torch.equal(generated, greedy_without_cache(quarter, 5))
 
 
 def test_hosted_mla_bad_input(save_model, tmp_path):
