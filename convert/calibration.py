@@ -144,10 +144,10 @@ class _Passthrough(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         # positional arguments (GPT-2 passes its mask that way) are recorded by name
-        params = inspect.signature(self.wrapped.forward).parameters
-        named = dict(inspect.signature(self.wrapped.forward).bind_partial(hidden_states, *args, **kwargs).arguments)
-        named.pop(next(iter(params)))  # the hidden states themselves
-        for p in params.values():
+        signature = inspect.signature(self.wrapped.forward)
+        named = dict(signature.bind_partial(hidden_states, *args, **kwargs).arguments)
+        named.pop(next(iter(signature.parameters)))  # the hidden states themselves
+        for p in signature.parameters.values():
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 named.update(named.pop(p.name, {}))
         self._sink.append((hidden_states, named))
