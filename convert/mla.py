@@ -64,6 +64,20 @@ class MLAShape:
         return self.kv_rank + 1 + self.rope_dim
 
 
+def max_latent_rank(layout: AttentionLayout, hidden: int) -> int:
+    """[K; V] of all heads acting on [x, 1] has at most this rank."""
+    return min(2 * layout.num_heads * layout.head_dim, hidden + 1)
+
+
+def check_rank(kv_rank: int, layout: AttentionLayout, hidden: int) -> None:
+    if not 1 <= kv_rank <= max_latent_rank(layout, hidden):
+        raise ConversionError(
+            f"--kv-rank {kv_rank} is impossible for this model: the latent can have rank 1 to "
+            f"{max_latent_rank(layout, hidden)} (min of 2 * heads * head_dim = "
+            f"{2 * layout.num_heads * layout.head_dim} and hidden + 1 = {hidden + 1})."
+        )
+
+
 def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int) -> None:
     hd = layout.head_dim
     if shape.rope_dim < 2 or shape.rope_dim % 2 or shape.rope_dim > hd:
@@ -71,12 +85,7 @@ def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int) -> None:
             f"--rope-dim {shape.rope_dim} is invalid: it must be even, at least 2 and at most the "
             f"head dim {hd} (one RoPE key shared by all heads)."
         )
-    max_rank = min(2 * layout.num_heads * hd, hidden + 1)
-    if not 1 <= shape.kv_rank <= max_rank:
-        raise ConversionError(
-            f"--kv-rank {shape.kv_rank} is impossible for this model: the latent can have rank 1 to "
-            f"{max_rank} (min of 2 * heads * head_dim = {2 * layout.num_heads * hd} and hidden + 1 = {hidden + 1})."
-        )
+    check_rank(shape.kv_rank, layout, hidden)
 
 
 def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_dim: int | None = None) -> MLAShape:
@@ -96,7 +105,7 @@ def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_d
             f"least {minimum} (RoPE dims {rope_dim} + latent rank 1 + anchor 1), i.e. a budget >= "
             f"{minimum / source:.4f} of the source's {source}."
         )
-    rank = min(elements - 1 - rope_dim, 2 * layout.num_heads * layout.head_dim, hidden + 1)
+    rank = min(elements - 1 - rope_dim, max_latent_rank(layout, hidden))
     return MLAShape(rank, rope_dim)
 
 

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from .adapters import AttentionAdapter, text_config
 from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
-from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_shape, convert_attention_mla, rope_progression, shape_for_budget
-from .mla import rotation_keep_factor, shared_rope_key
+from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_rank, check_shape, convert_attention_mla, max_latent_rank
+from .mla import rope_progression, rotation_keep_factor, shape_for_budget, shared_rope_key
 from .sources import CheckpointSource
 
 # Source architectures whose non-attention blocks DeepseekV3 reproduces exactly (SwiGLU MLP,
@@ -194,8 +194,6 @@ def mla_kv_bytes(num_layers: int, shape: MLAShape, dtype: torch.dtype) -> int:
     return num_layers * shape.cache_elements * torch.tensor([], dtype=dtype).element_size()
 
 
-
-
 def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
                        kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
                        refine_steps, refine_lr, out_dtype, device, progress, started, save):
@@ -215,13 +213,10 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
         raise ConversionError(f"--rope-dim does not apply: '{src.model_type}' has no rotary embeddings.")
     if init not in INITS:
         raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
-    source_elements = 2 * layout.num_kv_heads * layout.head_dim
-    max_rank = min(2 * layout.num_heads * layout.head_dim, layout.hidden_size + 1)
     if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R"):
-        kv_rank = min(int(kv_budget * source_elements + 1e-9), max_rank)
-    if not 1 <= kv_rank <= max_rank:
-        raise ConversionError(f"--kv-rank {kv_rank} is impossible for this model: the latent can have rank 1 to "
-                              f"{max_rank} (min of 2 * heads * head_dim and hidden + 1).")
+        kv_rank = min(int(kv_budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9),
+                      max_latent_rank(layout, layout.hidden_size))
+    check_rank(kv_rank, layout, layout.hidden_size)
 
     ids, record.calibration = calibration_windows(src, calib_data, calib_samples, calib_seq_len)
     runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
