@@ -29,7 +29,8 @@ PEERS = {
 }
 
 
-def variants(refine_steps: int, full: bool, only_default: bool = False, skip_default: bool = False) -> list[tuple[str, dict]]:
+def variants(refine_steps: int, only_default: bool = False, skip_default: bool = False,
+             only: list[str] | None = None) -> list[tuple[str, dict]]:
     default = (f"default (whitened / rotate + refine {refine_steps})",
                dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))
     if only_default:
@@ -37,16 +38,16 @@ def variants(refine_steps: int, full: bool, only_default: bool = False, skip_def
     closed = dict(refine_steps=0)  # closed form: explicit, the API's default refines
     rows = [("svd / rotate", dict(mla_init="svd", rope_strategy="rotate", **closed)),
             ("pca / rotate", dict(mla_init="pca", rope_strategy="rotate", **closed)),
-            ("whitened / rotate", dict(mla_init="whitened", rope_strategy="rotate", **closed))]
-    if full:
-        rows += [("svd / partial", dict(mla_init="svd", rope_strategy="partial", **closed)),
-                 ("pca / partial", dict(mla_init="pca", rope_strategy="partial", **closed))]
-        rows += [("whitened / partial", dict(mla_init="whitened", rope_strategy="partial", **closed))]
-    return rows if skip_default else rows + [default]
+            ("whitened / rotate", dict(mla_init="whitened", rope_strategy="rotate", **closed)),
+            ("svd / partial", dict(mla_init="svd", rope_strategy="partial", **closed)),
+            ("pca / partial", dict(mla_init="pca", rope_strategy="partial", **closed)),
+            ("whitened / partial", dict(mla_init="whitened", rope_strategy="partial", **closed))]
+    rows = rows if skip_default else rows + [default]
+    return [r for r in rows if only is None or r[0] in only]
 
 
 def run(models, budgets, refine_steps, work: Path, only_default: bool = False, save=None,
-        skip_default: bool = False) -> dict:
+        skip_default: bool = False, only: list[str] | None = None) -> dict:
     rows = []
     for key in models:
         spec = {"gutenberg": gutenberg_spec, "smollm2": smollm2_spec}[key](work)
@@ -57,8 +58,7 @@ def run(models, budgets, refine_steps, work: Path, only_default: bool = False, s
         base = child(EVAL_CHILD, spec["source"], json.dumps(spec["eval_files"]), str(spec["window"]))
         print(f"{spec['name']}: source perplexity {base['perplexity']:.2f}", flush=True)
         for budget in budgets:
-            for label, kwargs in variants(refine_steps, full=key == "gutenberg", only_default=only_default,
-                                                skip_default=skip_default):
+            for label, kwargs in variants(refine_steps, only_default, skip_default, only):
                 out = work / "mla-out"
                 args = dict(source=spec["source"], output=str(out), to="mla", kv_budget=budget,
                             calib_data=spec["calib"], calib_samples=spec["calib_samples"],
@@ -133,13 +133,15 @@ def main() -> None:
     parser.add_argument("--name", default="mla_conversion")
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     parser.add_argument("--skip-default", action="store_true", help="only the closed-form variants")
+    parser.add_argument("--variants", default=None, help="comma-separated labels to run, e.g. 'pca / partial'")
     args = parser.parse_args()
     def save(result: dict) -> None:  # after every row: keep what is measured if a later row fails
         save_results(args.name, result, markdown)
 
     with tempfile.TemporaryDirectory(prefix="kvslim-mla-bench-") as tmp:
         result = run(args.models.split(","), [float(b) for b in args.budgets.split(",")], args.refine_steps, Path(tmp),
-                     args.only_default, save, args.skip_default)
+                     args.only_default, save, args.skip_default,
+                     args.variants.split(",") if args.variants else None)
     print(save_results(args.name, result, markdown, plot))
 
 

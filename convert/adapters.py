@@ -97,11 +97,14 @@ class AttentionAdapter:
             return reader.get(name) if name in keys else None
 
         q_norm = get(self.q_norm) if self.qk_norm else None
+        k_norm = get(self.k_norm) if self.qk_norm else None
         if q_norm is not None and self.qk_norm_offset:
             q_norm = q_norm.float() + self.qk_norm_offset
+            k_norm = k_norm.float() + self.qk_norm_offset
         return AttentionWeights(
             q_w=get(self.q_proj), k_w=get(self.k_proj), v_w=get(self.v_proj), o_w=get(self.o_proj),
             q_b=get(self.q_proj, "bias"), k_b=get(self.k_proj, "bias"), v_b=get(self.v_proj, "bias"), q_norm=q_norm,
+            k_norm=k_norm,
         )
 
     def write(self, w, layer: int) -> dict:

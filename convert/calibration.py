@@ -168,7 +168,10 @@ def meta_model(config, kind: str = "causal") -> nn.Module:
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     with init_empty_weights(include_buffers=False):
-        return auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        try:
+            return auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        except ValueError:  # classes without SDPA support (Gemma 2: soft-capping)
+            return auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
 
 
 class LayerwiseRunner:
@@ -215,6 +218,9 @@ class LayerwiseRunner:
             else:
                 raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32))
+        for name, _ in list(module.named_buffers()):  # e.g. the kept RoPE pairs of a hosted MLA layer
+            if prefix + name in overrides:
+                set_module_tensor_to_device(module, name, self.device, value=overrides[prefix + name])
 
     def _capture_layer_inputs(self, input_ids: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
         sink: list = []

@@ -54,6 +54,7 @@ class AttentionWeights:
     v_b: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # shared per-head RMSNorm weights, if the model has them
     k_norm: torch.Tensor | None = None
+    o_b: torch.Tensor | None = None  # output-projection bias (read only where a converter replaces o_proj)
 
 
 def valid_kv_heads(num_heads: int) -> list[int]:
@@ -146,7 +147,7 @@ def _to_complex(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Te
 
 
 def _from_complex(wc: torch.Tensor, re: torch.Tensor, im: torch.Tensor, head_dim: int) -> torch.Tensor:
-    out = wc.real.new_empty(*wc.shape[:-2], head_dim, wc.shape[-1])
+    out = wc.real.new_zeros(*wc.shape[:-2], head_dim, wc.shape[-1])
     out[..., re, :] = wc.real
     out[..., im, :] = wc.imag
     return out

@@ -46,8 +46,8 @@ import torch
 
 from .adapters import AttentionLayout
 from .errors import ConversionError
-from .gqa import AttentionWeights, _from_complex, _sym_sqrt, _to_complex, head_views
-from .gqa import merge_keys_aware, pair_indices, query_energy
+from .gqa import AttentionWeights, _from_complex, _sym_sqrt, _to_complex, head_views, pair_indices
+from .gqa import merge_keys_aware, query_energy
 
 INITS = ("whitened", "pca", "svd")
 ROPE_STRATEGIES = ("rotate", "partial")
@@ -142,7 +142,7 @@ def shared_rope_key(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, beta: t
     ranks frequencies by query/key 2-norm.
     """
     nh, hd, D = k.shape
-    F = hd // 2
+    F = re.shape[0]
     kc = _to_complex(k, re, im)
     energy_q = query_energy(q, cov, re, im, None)  # (nh, F)
     energy_k = query_energy(k, cov, re, im, None)
@@ -234,6 +234,115 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     return top.T @ weighted, torch.linalg.pinv(weight_rows) @ top
 
 
+@dataclass
+class SharedRopeLatent:
+    """Steps 1-3 of the conversion for one layer (see the module docstring), before packing."""
+
+    kept: torch.Tensor  # (P,) indices into the source's frequency pairs
+    start: int
+    stride: int
+    shared: torch.Tensor  # (F, D) complex: the shared key per frequency pair
+    folds: torch.Tensor  # (nh, F) complex: each head's key ~ fold * shared at a kept pair
+    beta: torch.Tensor  # (F,) query scale standing in for a dropped rotation
+    q_nope: torch.Tensor  # (nh, hd, D) real: queries of the un-rotated part
+    down: torch.Tensor  # (r, D): latent = down @ [x, 1]
+    up: torch.Tensor  # (2 nh hd, r): [k_nope of every head; v of every head] = up @ latent
+
+
+def shared_rope_latent(q, k, v, o, cov, theta, pairs: int, rank: int, *, init: str, rope_strategy: str, context: int,
+                       re: torch.Tensor, im: torch.Tensor, rope_window: tuple[int, int] | None = None) -> SharedRopeLatent:
+    """q, k, v: (nh, hd, D) per-head weights on [x, 1]; o: (nh, d_out, hd); theta: (F,) the source's
+    frequency of each rotary pair (re, im); dims outside the pairs (partial rotary) carry no position
+    and go to the un-rotated part whole."""
+    F = re.shape[0]
+    qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
+    beta = rotation_keep_factor(theta, context)  # (F,)
+
+    # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
+    shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
+    start, stride = rope_window or rope_progression(gain, pairs)
+    kept = torch.arange(start, start + pairs * stride, stride)
+    is_kept = torch.zeros(F, dtype=torch.bool)
+    is_kept[kept] = True
+
+    # 2. un-rotated part of every head: residual at kept frequencies, whole key elsewhere
+    k_nope_c = torch.where(is_kept[None, :, None], resid, kc)
+    q_nope_c = qc * beta[None, :, None]
+    k_nope, q_nope = k.clone(), q.clone()
+    k_nope[:, re], k_nope[:, im] = k_nope_c.real, k_nope_c.imag
+    q_nope[:, re], q_nope[:, im] = q_nope_c.real, q_nope_c.imag
+
+    # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
+    down, up = joint_latent(k_nope, v, q_nope, o, cov, rank, init)
+    return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, q_nope, down, up)
+
+
+def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Tensor:
+    """Typical 1/rms of each head's output of w (nh, hd, D) under the input moment: what a per-head
+    RMSNorm multiplies it by, on average."""
+    energy = torch.einsum("hod,de,hoe->h", w, cov, w) / w.shape[1]
+    return (energy.clamp(min=0) + eps).rsqrt()
+
+
+def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLayout, rank: int, rope_dim: int,
+                                  theta: torch.Tensor, *, cov: torch.Tensor | None = None, init: str = "whitened",
+                                  rope_strategy: str = "rotate", context: int = 512, rope_layout: str = "half",
+                                  rope_window: tuple[int, int] | None = None, norm_eps: float = 1e-6) -> dict:
+    """Tensors of kvslim's hosted `LatentRopeAttention` (names relative to the module) for one layer.
+
+    Unlike DeepseekV3, the hosted module keeps the source's query path (q_proj, per-head q-norm,
+    its scaling) and rotates with the source's own cos/sin, so no temperature or frequency
+    constraint applies beyond DeepSeek's single shared RoPE key. With a per-head key RMSNorm
+    (`weights.k_norm`), the latent factors the key before the norm, scaled by the norm's typical
+    gain; the module caches each token's actual gain relative to it, which keeps full rank exact.
+    """
+    if init not in INITS:
+        raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
+    if rope_strategy not in ROPE_STRATEGIES:
+        raise ConversionError(f"Unknown RoPE strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
+    nh, hd, nkv = layout.num_heads, layout.head_dim, layout.num_kv_heads
+    d = weights.q_w.shape[1]
+    f64 = torch.float64
+    cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
+    re, im = pair_indices(hd, rope_layout)
+    P = rope_dim // 2
+    q, k, v, o = head_views(weights, layout)
+    key_norm = weights.k_norm is not None
+    tensors: dict[str, torch.Tensor] = {}
+    if key_norm:  # work on what the norms output, on average (their per-token deviation is cached)
+        q_gain = head_norm_scale(q, cov, norm_eps)
+        k_gain = head_norm_scale(k[:: layout.group_size], cov, norm_eps)  # one per source KV head
+        q = q * q_gain[:, None, None] * weights.q_norm.to(f64)[None, :, None]
+        k = k * k_gain.repeat_interleave(layout.group_size)[:, None, None] * weights.k_norm.to(f64)[None, :, None]
+        tensors["q_norm"] = weights.q_norm
+        tensors["k_norm_proj.weight"] = weights.k_w
+        if weights.k_b is not None:
+            tensors["k_norm_proj.bias"] = weights.k_b
+        tensors["key_scale_mean"] = 1 / k_gain
+    rope = shared_rope_latent(q, k, v, o, cov, theta, P, rank, init=init, rope_strategy=rope_strategy,
+                              context=context, re=re, im=im, rope_window=rope_window)
+    nope_scale = torch.ones(hd, dtype=f64)
+    nope_scale[re] = nope_scale[im] = rope.beta
+    fold = rope.folds.conj()[:, rope.kept]  # (nh, P) complex, applied to the source's query
+    k_rope = rope.shared[rope.kept]  # (P, D) complex
+    k_rope = torch.cat([k_rope.real, k_rope.imag])  # (2P, D) as [re; im]
+    kv_b = torch.cat([rope.up[: nh * hd].reshape(nh, hd, rank), rope.up[nh * hd:].reshape(nh, hd, rank)], dim=1)
+    dtype = weights.q_w.dtype
+    tensors.update({
+        "q_proj.weight": weights.q_w, "q_nope_scale": nope_scale, "q_rope_fold": torch.stack([fold.real, fold.imag]),
+        "kv_a_proj.weight": rope.down[:, :d], "kv_a_proj.bias": rope.down[:, d],
+        "kv_b_proj.weight": kv_b.reshape(nh * 2 * hd, rank), "k_rope_proj.weight": k_rope[:, :d],
+        "k_rope_proj.bias": k_rope[:, d], "o_proj.weight": weights.o_w,
+    })
+    if weights.q_b is not None:
+        tensors["q_proj.bias"] = weights.q_b
+    if weights.o_b is not None:
+        tensors["o_proj.bias"] = weights.o_b
+    out = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
+    out["rope_re"], out["rope_im"] = re[rope.kept].clone(), im[rope.kept].clone()
+    return out, (rope.start, rope.stride)
+
+
 def convert_attention_latent(weights: AttentionWeights, layout: AttentionLayout, rank: int, *,
                              cov: torch.Tensor | None = None, init: str = "whitened") -> dict[str, torch.Tensor]:
     """MLA for attention without RoPE (GPT-2, OPT, BERT): keys and values of every head from one
@@ -279,29 +388,15 @@ def convert_attention_mla(
     D = d + 1
     cov = torch.eye(D, dtype=f64) if cov is None else cov.to(f64)
     re, im = pair_indices(hd, rope_layout)
-    F, P = hd // 2, shape.rope_dim // 2
+    P = shape.rope_dim // 2
 
     q, k, v, o = head_views(weights, layout)  # (nh, hd, D) x3, (nh, d_out, hd)
-    qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
-    beta = rotation_keep_factor(theta, context)  # (F,)
-
-    # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
-    shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
-    start, stride = rope_window or rope_progression(gain, P)
-    kept = torch.arange(start, start + P * stride, stride)
-    is_kept = torch.zeros(F, dtype=torch.bool)
-    is_kept[kept] = True
-
-    # 2. NoPE part of every head: residual at kept frequencies, whole key elsewhere (complex (nh, F, D))
-    k_nope_c = torch.where(is_kept[None, :, None], resid, kc)
-    q_nope_c = qc * beta[None, :, None]
-    k_nope = _from_complex(k_nope_c, re, im, hd)  # (nh, hd, D)
-    q_nope = _from_complex(q_nope_c, re, im, hd)
-    q_rope_c = (qc * folds.conj()[:, :, None])[:, kept]  # (nh, P, D)
-    k_rope_c = shared[kept]  # (P, D)
-
-    # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
-    down, up = joint_latent(k_nope, v, q_nope, o, cov, shape.kv_rank, init)
+    rope = shared_rope_latent(q, k, v, o, cov, theta, P, shape.kv_rank, init=init, rope_strategy=rope_strategy,
+                              context=context, re=re, im=im, rope_window=rope_window)
+    start, stride, down, up = rope.start, rope.stride, rope.down, rope.up
+    q_nope = rope.q_nope
+    q_rope_c = (_to_complex(q, re, im) * rope.folds.conj()[:, :, None])[:, rope.kept]  # (nh, P, D)
+    k_rope_c = rope.shared[rope.kept]  # (P, D)
 
     # latent norm: anchor element keeps the per-token RMS constant
     anchor, norm_w = _anchor(down, cov)

@@ -7,6 +7,7 @@ q_lora_rank None unless the source has a query bias, dense MLP in every layer, n
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -85,7 +86,8 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     if src.model_type not in MLA_SOURCES:
         raise ConversionError(
             f"MLA conversion of '{src.model_type}' is not supported; supported sources: {', '.join(MLA_SOURCES)} "
-            "(their SwiGLU MLP and RMSNorm map onto DeepseekV3 exactly)."
+            "(written as DeepseekV3: their SwiGLU MLP and RMSNorm map onto it exactly) and qwen3, gemma, gemma2, "
+            "gemma3_text, gpt_neox, gpt2, opt, bert, roberta (kvslim-hosted classes)."
         )
     if init not in INITS:
         raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
@@ -194,25 +196,74 @@ def mla_kv_bytes(num_layers: int, shape: MLAShape, dtype: torch.dtype) -> int:
     return num_layers * shape.cache_elements * torch.tensor([], dtype=dtype).element_size()
 
 
+def hosted_mla_class(adapter: AttentionAdapter, model_type: str) -> str | None:
+    """The kvslim-hosted model class an MLA conversion of `model_type` writes, or None for DeepseekV3.
+
+    Architectures whose blocks DeepseekV3 reproduces (MLA_SOURCES) become DeepseekV3; the others
+    keep their own class with kvslim's latent attention module (modeling/hosted/)."""
+    from ..modeling.hosted import HOSTED
+
+    if adapter.hosted:
+        return adapter.hosted
+    if model_type not in MLA_SOURCES and model_type in HOSTED:
+        return model_type
+    return None
+
+
+def hosted_shape(budget: float | None, kv_rank: int | None, rope_dim: int | None, layout, rotary_dims: int,
+                 overhead: int) -> tuple[int, int]:
+    """(latent rank, RoPE dims) of a hosted latent-RoPE layer; `overhead`: other cached elements
+    per token and layer (key-norm scales). The budget rule is the DeepseekV3 path's (a third of
+    the cache for the RoPE key), capped at the rotary dims."""
+    if budget is not None:
+        elements = int(math.floor(budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9))
+        free = elements - overhead
+        if rope_dim is None:
+            rope_dim = min(rotary_dims, max(2, 2 * int(free / 6 + 0.5)))
+        if free < rope_dim + 1:
+            raise ConversionError(
+                f"--kv-budget {budget:g} leaves {elements} cache elements per token and layer; this MLA needs at least "
+                f"{overhead + rope_dim + 1} (RoPE dims {rope_dim} + latent rank 1"
+                + (f" + {overhead} key-norm scales" if overhead else "") + ")."
+            )
+        kv_rank = min(free - rope_dim, max_latent_rank(layout, layout.hidden_size))
+    elif rope_dim is None:
+        rope_dim = min(rotary_dims, 64)
+    if rope_dim < 2 or rope_dim % 2 or rope_dim > rotary_dims:
+        raise ConversionError(f"--rope-dim {rope_dim} is invalid: it must be even, at least 2 and at most the "
+                              f"{rotary_dims} rotary dims of a head (one RoPE key shared by all heads).")
+    check_rank(kv_rank, layout, layout.hidden_size)
+    return kv_rank, rope_dim
+
+
+def layer_frequencies(call: dict, re: torch.Tensor) -> torch.Tensor:
+    """The source's RoPE frequency of each pair in this layer, read off the cos/sin the model
+    passes it (position 1): covers per-layer RoPE (Gemma 3 local/global) and any scaling rule."""
+    cos, sin = call["position_embeddings"]
+    cos, sin = cos.reshape(-1, *cos.shape[-2:])[0, 1].double(), sin.reshape(-1, *sin.shape[-2:])[0, 1].double()
+    return torch.atan2(sin[re], cos[re])
+
+
 def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,
                        kv_rank, rope_dim, kv_budget, init, rope_strategy, calib_data, calib_samples, calib_seq_len,
                        refine_steps, refine_lr, out_dtype, device, progress, started, save):
-    """MLA for architectures without RoPE that kvslim hosts (GPT-2, OPT, BERT): keys and values of all
-    heads from one cached latent (modeling/hosted/kvslim_attention.py); no RoPE key."""
+    """MLA in a kvslim-hosted class: keys and values of all heads from one cached latent
+    (modeling/hosted/kvslim_attention.py). Without RoPE (GPT-2, OPT, BERT) that is all; with RoPE
+    (Qwen3, Gemma, GPT-NeoX) one shared RoPE key per layer joins it (`LatentRopeAttention`)."""
+    if init not in INITS:
+        raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
+    if adapter.rope(src.config) != "none":
+        return _convert_hosted_rope_mla(
+            src, adapter, layout, out, writer_factory, record, kv_rank=kv_rank, rope_dim=rope_dim, kv_budget=kv_budget,
+            init=init, rope_strategy=rope_strategy, calib_data=calib_data, calib_samples=calib_samples,
+            calib_seq_len=calib_seq_len, refine_steps=refine_steps, refine_lr=refine_lr, out_dtype=out_dtype,
+            device=device, progress=progress, save=save)
     from ..modeling.hosted import hosted_config
     from .mla import convert_attention_latent
     from .pipeline import _cast, _refine, copy_non_layer_tensors
 
-    if adapter.rope(src.config) != "none":
-        raise ConversionError(
-            f"MLA conversion of '{src.model_type}' is not supported yet: its heads use (partial) RoPE, which "
-            f"needs a shared RoPE key; supported MLA sources: {', '.join(MLA_SOURCES)}, gpt2, opt, bert. "
-            "Use --to gqa/mqa for this model."
-        )
     if rope_dim is not None:
         raise ConversionError(f"--rope-dim does not apply: '{src.model_type}' has no rotary embeddings.")
-    if init not in INITS:
-        raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
     if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R"):
         kv_rank = min(int(kv_budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9),
                       max_latent_rank(layout, layout.hidden_size))
@@ -249,6 +300,78 @@ def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout,
                     writer.add(name, _cast(src.reader.get(name), out_dtype))
             for name, tensor in converted.items():
                 writer.add(name, _cast(tensor, out_dtype))
+        if errors:
+            record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": errors}
+        writer.close()
+        save(tmp, config)
+
+
+def _convert_hosted_rope_mla(src, adapter, layout, out, writer_factory, record, *, kv_rank, rope_dim, kv_budget, init,
+                             rope_strategy, calib_data, calib_samples, calib_seq_len, refine_steps, refine_lr, out_dtype,
+                             device, progress, save):
+    from ..modeling.hosted import hosted_config
+    from .gqa import pair_indices
+    from .mla import convert_attention_latent_rope
+    from .pipeline import _cast, _refine, copy_non_layer_tensors
+
+    if rope_strategy not in ROPE_STRATEGIES:
+        raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
+    hosted = hosted_mla_class(adapter, src.model_type)
+    rope_layout = adapter.rope(src.config)
+    re, im = pair_indices(layout.head_dim, rope_layout)
+    key_norm = adapter.qk_norm
+    overhead = layout.num_kv_heads if key_norm else 0
+    check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R [--rope-dim D]")
+    kv_rank, rope_dim = hosted_shape(kv_budget, kv_rank, rope_dim, layout, 2 * re.shape[0], overhead)
+    text = text_config(src.config)
+    eps = getattr(text, "rms_norm_eps", 1e-6)
+
+    ids, record.calibration = calibration_windows(src, calib_data, calib_samples, calib_seq_len)
+    runner = LayerwiseRunner(src, ids, device=device, adapter=adapter)
+    config = hosted_config(hosted, src.config, layout.num_kv_heads)
+    config.kv_lora_rank, config.qk_rope_head_dim = kv_rank, rope_dim
+    if out_dtype is not None:
+        config.dtype = out_dtype
+    target_layers = list(meta_model(config, adapter.model_kind).get_submodule(adapter.layers_path))
+    elements = kv_rank + rope_dim + overhead
+    record.mla = {"kv_rank": kv_rank, "latent_anchor": 0, "rope_dim": rope_dim, "key_norm_scales": overhead,
+                  "cache_elements_per_layer": elements, "init": init, "rope_strategy": rope_strategy,
+                  "context_for_beta": calib_seq_len, "model_class": type(target_layers[0]).__module__,
+                  "qk_norm": ("exact at full rank: queries keep the source's q-norm; the latent factors the key before "
+                              "its norm and the cache holds each token's key-norm gain (one per source KV head)")
+                  if key_norm else "none"}
+    dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
+    record.kv_bytes_per_token_after = layout.num_layers * elements * torch.tensor([], dtype=dtype).element_size()
+    windows = []
+
+    with out as tmp:
+        writer = writer_factory(tmp)
+        copy_non_layer_tensors(src, adapter, layout, writer, out_dtype)
+        errors = []
+        for i in tqdm(range(layout.num_layers), desc=f"MLA ({init}, rank {kv_rank}, rope {rope_dim})", unit="layer",
+                      disable=not progress):
+            weights = adapter.read(src.reader, i, layout)
+            o_bias = adapter.tensor_name(i, adapter.o_proj, "bias")
+            if o_bias in src.reader.keys():
+                weights.o_b = src.reader.get(o_bias)
+            cov = runner.attention_input_moment(i, adapter.attention_module)
+            theta = layer_frequencies(runner.layer_kwargs[i], re)
+            tensors, window = convert_attention_latent_rope(
+                weights, layout, kv_rank, rope_dim, theta, cov=cov, init=init, rope_strategy=rope_strategy,
+                context=calib_seq_len, rope_layout=rope_layout, norm_eps=eps)
+            windows.append(list(window))
+            attn_prefix = f"{adapter.prefix(i)}{adapter.attention_module}."
+            converted = {attn_prefix + name: t for name, t in tensors.items()}
+            if refine_steps:
+                converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr)
+                errors.append(round(err, 6))
+            runner.advance(i, target_layers[i], {k: v.float() if v.is_floating_point() else v for k, v in converted.items()})
+            for name in src.layer_names(adapter.prefix(i)):
+                if not name.startswith(attn_prefix):
+                    writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))
+            for name, tensor in converted.items():
+                writer.add(name, _cast(tensor, out_dtype))
+        record.mla["rope_frequencies"] = [{"start": a, "stride": b} for a, b in windows]
         if errors:
             record.refinement = {"steps": refine_steps, "lr": refine_lr, "relative_output_error": errors}
         writer.close()

@@ -230,7 +230,7 @@ def convert(
 
 
 def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_shard_bytes, **kwargs):
-    from .mla_pipeline import convert_hosted_mla, convert_mla
+    from .mla_pipeline import convert_hosted_mla, convert_mla, hosted_mla_class
 
     weight_dtype = out_dtype or src.reader.dtype(adapter.required(0)[0])
     record = ConversionRecord(
@@ -241,18 +241,20 @@ def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_s
         kv_bytes_per_token_after=0, kvslim_version=_version(),
     )
 
+    hosted = hosted_mla_class(adapter, src.model_type)
+
     def save(tmp, config):
         record.seconds = round(time.perf_counter() - started, 2)
         config.kvslim = record.to_dict()
         config.save_pretrained(str(tmp))
-        if adapter.hosted:
+        if hosted:
             from ..modeling.hosted import save_modeling_file
 
-            save_modeling_file(adapter.hosted, tmp)
+            save_modeling_file(hosted, tmp)
         src.save_side_files(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
 
-    run = convert_hosted_mla if adapter.hosted else convert_mla
+    run = convert_hosted_mla if hosted else convert_mla
     run(src, adapter, layout, out, lambda tmp: ShardedWriter(tmp, max_shard_bytes), record,
         out_dtype=out_dtype, started=started, save=save, **kwargs)
     return record
@@ -265,7 +267,7 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
 
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
-    f32 = {k: v.float() for k, v in {**(layer_tensors or {}), **converted}.items()}
+    f32 = {k: v.float() if v.is_floating_point() else v for k, v in {**(layer_tensors or {}), **converted}.items()}
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
                                source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
@@ -274,7 +276,7 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
         fitted = {prefix + n: p.detach().clone()
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
     dtype = next(iter(converted.values())).dtype
-    return {k: v.to(dtype) for k, v in fitted.items()}, err
+    return {**converted, **{k: v.to(dtype) for k, v in fitted.items()}}, err
 
 
 def _version() -> str:

@@ -55,9 +55,12 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
     element = torch.tensor([], dtype=dtype).element_size()
     if get("kv_lora_rank") is not None:  # DeepSeek-style multi-head latent attention
         rope = get("qk_rope_head_dim", default=0)
-        per_layer = get("kv_lora_rank") + rope
-        # DeepSeek's query/key head = nope + rope dims; kvslim's hosted MLA (no RoPE) keeps the source's head dim
-        head_dim = get("qk_nope_head_dim", default=0) + rope or get("head_dim", default=hidden // heads)
+        # kvslim's hosted MLA for q/k-norm sources also caches one key-norm gain per source KV head
+        scales = get("num_key_value_heads", default=heads) if getattr(text, "latent_key_norm", False) else 0
+        per_layer = get("kv_lora_rank") + rope + scales
+        # DeepSeek's query/key head = nope + rope dims; kvslim's hosted MLA keeps the source's head dim
+        nope = get("qk_nope_head_dim")
+        head_dim = nope + rope if nope is not None else get("head_dim", default=hidden // heads)
         kv_heads, kind = 1, "MLA"
     else:
         kv_heads = get("num_key_value_heads", default=heads)

@@ -1,5 +1,6 @@
 """Model classes kvslim hosts for architectures whose Transformers class cannot express the
-converted attention (GPT-2, GPT-NeoX, OPT, BERT and RoBERTa ignore `num_key_value_heads`).
+converted attention: GPT-2, GPT-NeoX, OPT, BERT and RoBERTa ignore `num_key_value_heads`, and MLA
+of Qwen3 and the Gemma family cannot become DeepseekV3 (per-head q/k norms, GeGLU, soft-capping).
 
 Each lives in one self-contained modeling file that is also copied next to the checkpoints it
 describes (config `auto_map`), so they load with `trust_remote_code=True` without kvslim. Importing
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import modeling_kvslim_bert, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox, modeling_kvslim_opt
+from . import (modeling_kvslim_bert, modeling_kvslim_gemma, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox,
+               modeling_kvslim_opt, modeling_kvslim_qwen3)
 
 HERE = Path(__file__).resolve().parent
 # name -> (module, config class, {auto class: model class})
@@ -25,6 +27,15 @@ HOSTED = {
     "opt": (modeling_kvslim_opt, "KvslimOPTConfig", {"AutoModel": "KvslimOPTModel", "AutoModelForCausalLM": "KvslimOPTForCausalLM"}),
     "bert": (modeling_kvslim_bert, "KvslimBertConfig", {"AutoModel": "KvslimBertModel"}),
     "roberta": (modeling_kvslim_bert, "KvslimRobertaConfig", {"AutoModel": "KvslimRobertaModel"}),
+    # MLA only: DeepseekV3 cannot express these blocks (q/k norms, GeGLU, soft-capping, ...)
+    "qwen3": (modeling_kvslim_qwen3, "KvslimQwen3Config",
+              {"AutoModel": "KvslimQwen3Model", "AutoModelForCausalLM": "KvslimQwen3ForCausalLM"}),
+    "gemma": (modeling_kvslim_gemma, "KvslimGemmaConfig",
+              {"AutoModel": "KvslimGemmaModel", "AutoModelForCausalLM": "KvslimGemmaForCausalLM"}),
+    "gemma2": (modeling_kvslim_gemma, "KvslimGemma2Config",
+               {"AutoModel": "KvslimGemma2Model", "AutoModelForCausalLM": "KvslimGemma2ForCausalLM"}),
+    "gemma3_text": (modeling_kvslim_gemma, "KvslimGemma3TextConfig",
+                    {"AutoModel": "KvslimGemma3TextModel", "AutoModelForCausalLM": "KvslimGemma3ForCausalLM"}),
 }
 _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}
 

@@ -15,6 +15,11 @@ Self-contained (torch only) and copied next to every hosted checkpoint with its 
       scores_h = (q_h W_uk,h) . c        out_h = W_uv,h (softmax(scores_h) . c)
 
   so decoding is MQA with one r-dim KV head.
+* Multi-head latent attention with RoPE (`LatentRopeAttention`: Qwen3, Gemma, Gemma 2/3, GPT-NeoX):
+  the same latent plus one RoPE key shared by all heads (DeepSeek's decoupled RoPE), at a subset of
+  the source's frequency pairs. Queries stay the source's (q_proj, per-head q-norm, RoPE), followed by
+  per-pair constants. Sources with a per-head key RMSNorm (Qwen3, Gemma 3) also cache one scale per
+  source KV head and token, the norm's 1/rms, so their scores stay exact at full rank.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ def set_key_value_heads(config, num_key_value_heads: int | None) -> None:
 
 
 def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        softmax_dtype=None, **kwargs):
+                        softmax_dtype=None, softcap=None, **kwargs):
     """Reference attention for any KV head count: each KV head serves its group of query heads.
-    `softmax_dtype`: float32 where the parent class's eager attention upcasts (OPT, GPT-NeoX)."""
+    `softmax_dtype`: float32 where the parent class's eager attention upcasts (OPT, GPT-NeoX);
+    `softcap`: Gemma 2's tanh cap on the scores."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1, dtype=softmax_dtype).to(value.dtype)
@@ -80,3 +88,126 @@ def cache_latent(past_key_values, latent: torch.Tensor, layer_idx: int) -> torch
         return latent
     latent, _ = past_key_values.update(latent, latent[..., :0], layer_idx)
     return latent
+
+
+class LatentRopeAttention(nn.Module):
+    """Multi-head latent attention with a shared RoPE key, for sources with RoPE in every head.
+
+    Per head h (source head dim hd; P kept frequency pairs; r latent rank):
+
+        q_h      = q_norm(q_proj(x))_h                         the source's query, exactly
+        q_nope_h = q_h * q_nope_scale                           E[cos] stand-in for dropped rotations
+        q_rope_h = rope(fold_h * q_h[kept pairs])               per-pair complex constants
+        c        = kv_a_proj(x)                                 cached (r)
+        k_rope   = rope(k_rope_proj(x))                         cached (2P), shared by all heads
+        s_g      = key_scale_mean_g / rms(k_norm_proj(x)_g)     cached (one per source KV head g), q/k-norm sources only
+        [k_nope_h; v_h] = kv_b_proj_h(c)
+        score_h  = scaling * s_g(h) * (q_nope_h . k_nope_h + q_rope_h . k_rope)
+
+    Rotary pairs are stored as [real parts (P); imaginary parts (P)] and rotated with the cos/sin
+    the model already computes for its own heads (`rope_re` indexes them), so any subset of the
+    source's frequencies can be kept, per layer. Prefill expands c into keys and values and runs
+    the model's attention function; single-token decode works on the cache directly (absorbed).
+    """
+
+    def __init__(self, config, layer_idx: int, *, head_dim: int, scaling: float, num_key_value_heads: int,
+                 attention_bias: bool = False, output_bias: bool = False, key_norm: bool = False,
+                 norm_eps: float = 1e-6, softcap: float | None = None, sliding_window: int | None = None):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.head_dim, self.scaling = config.num_attention_heads, head_dim, scaling
+        self.num_key_value_heads = num_key_value_heads  # the source's: one key scale each
+        self.num_key_value_groups = 1  # keys/values are expanded per head
+        self.rank, self.pairs = config.kv_lora_rank, config.qk_rope_head_dim // 2
+        self.softcap, self.sliding_window, self.norm_eps = softcap, sliding_window, norm_eps
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = True
+        hidden, nh, hd, P = config.hidden_size, self.num_heads, head_dim, self.pairs
+        self.q_proj = nn.Linear(hidden, nh * hd, bias=attention_bias)
+        self.q_norm = nn.Parameter(torch.ones(hd)) if key_norm else None  # effective weight (Gemma's 1 + w)
+        self.q_nope_scale = nn.Parameter(torch.ones(hd))
+        self.q_rope_fold = nn.Parameter(torch.zeros(2, nh, P))  # real, imaginary
+        self.kv_a_proj = nn.Linear(hidden, self.rank, bias=True)
+        self.kv_b_proj = nn.Linear(self.rank, nh * 2 * hd, bias=False)
+        self.k_rope_proj = nn.Linear(hidden, 2 * P, bias=True)
+        self.k_norm_proj = nn.Linear(hidden, num_key_value_heads * hd, bias=attention_bias) if key_norm else None
+        self.key_scale_mean = nn.Parameter(torch.ones(num_key_value_heads)) if key_norm else None
+        self.o_proj = nn.Linear(nh * hd, hidden, bias=output_bias)
+        self.register_buffer("rope_re", torch.zeros(P, dtype=torch.long))  # source dims of the kept pairs
+        self.register_buffer("rope_im", torch.zeros(P, dtype=torch.long))
+
+    @property
+    def cache_width(self) -> int:
+        return self.rank + 2 * self.pairs + (self.num_key_value_heads if self.k_norm_proj is not None else 0)
+
+    def _rotate(self, parts: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """parts (..., 2P) = [re; im] at positions whose cos/sin (..., P) are given."""
+        re, im = parts.chunk(2, dim=-1)
+        return torch.cat([re * cos - im * sin, im * cos + re * sin], dim=-1)
+
+    def _rms_scale(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(x.float().pow(2).mean(-1) + self.norm_eps)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                layer_past=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        nh, hd = self.num_heads, self.head_dim
+        cache = past_key_values if past_key_values is not None else layer_past
+        cos, sin = position_embeddings
+        cos, sin = cos[..., self.rope_re], sin[..., self.rope_re]  # (B or 1, T, P)
+
+        query = self.q_proj(hidden_states).view(b, t, nh, hd)
+        if self.q_norm is not None:
+            query = (query.float() * self._rms_scale(query)[..., None]).to(query.dtype) * self.q_norm
+        q_nope = query * self.q_nope_scale
+        re, im = query[..., self.rope_re], query[..., self.rope_im]  # (B, T, nh, P)
+        fr, fi = self.q_rope_fold
+        q_rope = self._rotate(torch.cat([re * fr - im * fi, re * fi + im * fr], dim=-1), cos[:, :, None], sin[:, :, None])
+        query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, nh, T, hd + 2P)
+
+        entry = [self.kv_a_proj(hidden_states), self._rotate(self.k_rope_proj(hidden_states), cos, sin)]
+        if self.k_norm_proj is not None:
+            keys = self.k_norm_proj(hidden_states).view(b, t, self.num_key_value_heads, hd)
+            entry.append((self._rms_scale(keys) * self.key_scale_mean).to(hidden_states.dtype))
+        entry = cache_latent(cache, torch.cat(entry, dim=-1)[:, None], self.layer_idx)[:, 0]  # (B, K, width)
+        latent, k_rope = entry[..., : self.rank], entry[..., self.rank: self.rank + 2 * self.pairs]
+        scale = None
+        if self.k_norm_proj is not None:  # (B, nh, K): each query head's source KV head
+            groups = nh // self.num_key_value_heads
+            scale = entry[..., self.rank + 2 * self.pairs:].transpose(1, 2).repeat_interleave(groups, dim=1)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        if cache is not None and t == 1 and not self.training:
+            out = self._absorbed(query, latent, k_rope, scale, attention_mask)
+        else:
+            kv = self.kv_b_proj(latent).view(b, -1, nh, 2 * hd).transpose(1, 2)
+            k_nope, value = kv.split(hd, dim=-1)
+            key = torch.cat([k_nope, k_rope[:, None].expand(-1, nh, -1, -1)], dim=-1)
+            if scale is not None:
+                key = key * scale[..., None]
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
+            extra = {"softcap": self.softcap} if self.softcap is not None else {}
+            if self.sliding_window is not None:
+                extra["sliding_window"] = self.sliding_window
+            out, _ = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **extra)
+        return self.o_proj(out.reshape(b, t, nh * hd).contiguous()), None
+
+    def _absorbed(self, query, latent, k_rope, scale, attention_mask):
+        """One query token against the cache, without expanding it: the key up-projection folds
+        into the query and the value up-projection into the output."""
+        nh, hd = self.num_heads, self.head_dim
+        w = self.kv_b_proj.weight.view(nh, 2 * hd, self.rank)
+        q_latent = torch.einsum("bhqd,hdr->bhqr", query[..., :hd], w[:, :hd])
+        scores = torch.einsum("bhqr,bkr->bhqk", q_latent, latent) + torch.einsum("bhqp,bkp->bhqk", query[..., hd:], k_rope)
+        if scale is not None:
+            scores = scores * scale[:, :, None]
+        scores = scores.float() * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if attention_mask is not None:
+            mask = attention_mask[..., : latent.shape[1]]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        context = torch.einsum("bhqk,bkr->bhqr", scores.softmax(-1).to(latent.dtype), latent)
+        return torch.einsum("bhqr,hvr->bqhv", context, w[:, hd:])

@@ -3,7 +3,9 @@
 Transformers' GPT-NeoX ignores `num_key_value_heads`, so a Pythia converted to GQA/MQA needs this
 class. Its fused `query_key_value` holds all query heads, then the `num_key_value_heads` key heads,
 then the value heads (the source interleaves q/k/v per head; with fewer KV heads there is nothing to
-interleave). Partial rotary embeddings, parallel residual and everything else are GPT-NeoX.
+interleave). With `kv_lora_rank` set, attention is kvslim's multi-head latent attention with a
+shared RoPE key at some of the rotary pairs (kvslim_attention.py). Partial rotary embeddings,
+parallel residual and everything else are GPT-NeoX.
 
 This file and kvslim_attention.py need only torch and transformers: they are saved next to
 converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` without kvslim.
@@ -19,7 +21,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, apply_rotary_pos_emb
 
-from .kvslim_attention import eager_gqa_attention, set_key_value_heads
+from .kvslim_attention import LatentRopeAttention, eager_gqa_attention, set_key_value_heads
 
 # GPT-NeoX's own eager attention takes the softmax in float32
 eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
@@ -28,9 +30,11 @@ eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
 class KvslimGPTNeoXConfig(GPTNeoXConfig):
     model_type = "kvslim_gpt_neox"
 
-    def __init__(self, num_key_value_heads: int | None = None, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, kv_lora_rank: int | None = None,
+                 qk_rope_head_dim: int | None = None, **kwargs):
         super().__init__(**kwargs)
         set_key_value_heads(self, num_key_value_heads)
+        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
 
 
 class KvslimGPTNeoXAttention(GPTNeoXAttention):
@@ -60,8 +64,14 @@ class KvslimGPTNeoXAttention(GPTNeoXAttention):
 
 
 def _use_gqa_attention(layers: nn.ModuleList, config: KvslimGPTNeoXConfig) -> None:
+    head_dim = config.hidden_size // config.num_attention_heads
     for i, layer in enumerate(layers):
-        layer.attention = KvslimGPTNeoXAttention(config, layer_idx=i)
+        if config.kv_lora_rank:  # multi-head latent attention with a shared RoPE key
+            layer.attention = LatentRopeAttention(
+                config, i, head_dim=head_dim, scaling=head_dim**-0.5, num_key_value_heads=config.num_key_value_heads,
+                attention_bias=config.attention_bias, output_bias=config.attention_bias)
+        else:
+            layer.attention = KvslimGPTNeoXAttention(config, layer_idx=i)
 
 
 class KvslimGPTNeoXModel(GPTNeoXModel):
