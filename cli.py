@@ -86,8 +86,10 @@ def convert(
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
-    shape = (f"MLA latent rank {record.mla['kv_rank']} (+1 anchor) + RoPE key {record.mla['rope_dim']} "
-             f"({record.mla['init']}, {record.mla['rope_strategy']})" if record.mla else
+    shape = (f"MLA latent rank {record.mla['kv_rank']} (+{record.mla.get('latent_anchor', 0)} anchor) + RoPE key "
+             f"{record.mla['rope_dim']}" + (f" + {record.mla['key_norm_scales']} key-norm gains"
+                                           if record.mla.get("key_norm_scales") else "")
+             + f" ({record.mla['init']}, {record.mla['rope_strategy']})" if record.mla else
              f"KV heads {record.kv_heads_before} -> {record.kv_heads_after} ({record.method})")
     typer.echo(
         f"Converted {source} -> {output}\n"

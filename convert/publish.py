@@ -54,6 +54,10 @@ def _attention_line(record: dict) -> str:
         if not m["rope_dim"]:
             return (f"multi-head latent attention: keys and values of all {record['num_heads']} heads from one cached "
                     f"latent of rank {m['kv_rank']} (kvslim's hosted class)")
+        if not m.get("latent_anchor"):  # kvslim's hosted LatentRopeAttention (Qwen3, Gemma, GPT-NeoX)
+            scales = f" and {m['key_norm_scales']} key-norm gains" if m.get("key_norm_scales") else ""
+            return (f"multi-head latent attention: latent rank {m['kv_rank']}, a {m['rope_dim']}-dim RoPE key shared by "
+                    f"all {record['num_heads']} heads{scales} per token (kvslim's hosted class)")
         return (f"multi-head latent attention (DeepSeek-V3 format): latent rank {m['kv_rank']} (+{m.get('latent_anchor', 0)} "
                 f"anchor) and a {m['rope_dim']}-dim RoPE key shared by all {record['num_heads']} heads")
     kind = {1: "MQA"}.get(record["kv_heads_after"], "GQA" if record["kv_heads_after"] < record["num_heads"] else "MHA")
@@ -67,9 +71,15 @@ def recipe_rows(record: dict) -> list[tuple[str, str]]:
     if record.get("mla"):
         m = record["mla"]
         rows += [("latent init", m["init"]), ("RoPE strategy", m["rope_strategy"])]
-        if m.get("rope_frequencies"):  # MLA without RoPE (GPT-2, OPT, BERT) keeps none
-            rows.append(("RoPE frequencies kept", f"{m['rope_dim'] // 2} pairs from index "
-                         f"{m['rope_frequencies']['start']}, stride {m['rope_frequencies']['stride']}"))
+        windows = m.get("rope_frequencies")  # MLA without RoPE (GPT-2, OPT, BERT) keeps none
+        if isinstance(windows, dict):  # DeepseekV3: one progression for all layers
+            windows = [windows]
+        if windows:
+            kept = sorted({(w["start"], w["stride"]) for w in windows})
+            rows.append(("RoPE frequencies kept", f"{m['rope_dim'] // 2} pairs per layer, " + "; ".join(
+                f"from index {a}, stride {b}" for a, b in kept)))
+        if m.get("qk_norm") and m["qk_norm"] != "none":
+            rows.append(("q/k norm", m["qk_norm"]))
     else:
         rows.append(("method", record["method"] + (" (heads regrouped by similarity)" if record.get("regrouped") else "")))
     cal = record.get("calibration")

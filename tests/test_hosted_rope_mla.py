@@ -71,6 +71,12 @@ def test_budget_cache_holds_latent_rope_key_and_scales_and_decode_is_absorbed(ar
     assert per_token == record.kv_bytes_per_token_after
     # absorbed single-token decode over the cache == full forwards without a cache
     assert torch.equal(out.generate(IDS[:1], max_new_tokens=6, do_sample=False), greedy_without_cache(out, 6))
+    if arch == "qwen3":  # the model card states the cache layout and how q/k norms were handled
+        from kvslim.convert.publish import render_card
+
+        text = render_card(tmp_path / "q", "me/qwen3-mla").content
+        assert f"latent rank {record.mla['kv_rank']}" in text and "2 key-norm gains" in text
+        assert "exact at full rank" in text and "pairs per layer, from index 0" in text
 
 
 def test_rope_dim_checked_against_rotary_dims(save_model, tmp_path):
