@@ -196,18 +196,18 @@ def mla_kv_bytes(num_layers: int, shape: MLAShape, dtype: torch.dtype) -> int:
     return num_layers * shape.cache_elements * torch.tensor([], dtype=dtype).element_size()
 
 
-def hosted_mla_class(adapter: AttentionAdapter, model_type: str) -> str | None:
-    """The kvslim-hosted model class an MLA conversion of `model_type` writes, or None for DeepseekV3.
+def hosted_mla_class(adapter: AttentionAdapter, config) -> str | None:
+    """The kvslim-hosted model class an MLA conversion of `config` writes, or None for DeepseekV3.
 
-    Architectures whose blocks DeepseekV3 reproduces (MLA_SOURCES) become DeepseekV3; the others
-    keep their own class with kvslim's latent attention module (modeling/hosted/)."""
+    Architectures whose blocks DeepseekV3 reproduces (MLA_SOURCES, RoPE on the whole head) become
+    DeepseekV3; the others keep their own class with kvslim's latent attention (modeling/hosted/)."""
     from ..modeling.hosted import HOSTED
 
     if adapter.hosted:
         return adapter.hosted
-    if model_type not in MLA_SOURCES and model_type in HOSTED:
-        return model_type
-    return None
+    model_type = config.model_type
+    deepseek = model_type in MLA_SOURCES and adapter.rope(config) == adapter.rope_layout
+    return model_type if not deepseek and model_type in HOSTED else None
 
 
 def hosted_shape(budget: float | None, kv_rank: int | None, rope_dim: int | None, layout, rotary_dims: int,
@@ -316,7 +316,7 @@ def _convert_hosted_rope_mla(src, adapter, layout, out, writer_factory, record, 
 
     if rope_strategy not in ROPE_STRATEGIES:
         raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
-    hosted = hosted_mla_class(adapter, src.model_type)
+    hosted = hosted_mla_class(adapter, src.config)
     rope_layout = adapter.rope(src.config)
     re, im = pair_indices(layout.head_dim, rope_layout)
     key_norm = adapter.qk_norm

@@ -241,7 +241,7 @@ def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_s
         kv_bytes_per_token_after=0, kvslim_version=_version(),
     )
 
-    hosted = hosted_mla_class(adapter, src.model_type)
+    hosted = hosted_mla_class(adapter, src.config)
 
     def save(tmp, config):
         record.seconds = round(time.perf_counter() - started, 2)

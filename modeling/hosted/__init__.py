@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import (modeling_kvslim_bert, modeling_kvslim_gemma, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox,
-               modeling_kvslim_opt, modeling_kvslim_qwen3)
+               modeling_kvslim_opt, modeling_kvslim_phi3, modeling_kvslim_qwen3)
 
 HERE = Path(__file__).resolve().parent
 # name -> (module, config class, {auto class: model class})
@@ -30,6 +30,8 @@ HOSTED = {
     # MLA only: DeepseekV3 cannot express these blocks (q/k norms, GeGLU, soft-capping, ...)
     "qwen3": (modeling_kvslim_qwen3, "KvslimQwen3Config",
               {"AutoModel": "KvslimQwen3Model", "AutoModelForCausalLM": "KvslimQwen3ForCausalLM"}),
+    "phi3": (modeling_kvslim_phi3, "KvslimPhi3Config",
+             {"AutoModel": "KvslimPhi3Model", "AutoModelForCausalLM": "KvslimPhi3ForCausalLM"}),  # partial rotary
     "gemma": (modeling_kvslim_gemma, "KvslimGemmaConfig",
               {"AutoModel": "KvslimGemmaModel", "AutoModelForCausalLM": "KvslimGemmaForCausalLM"}),
     "gemma2": (modeling_kvslim_gemma, "KvslimGemma2Config",
