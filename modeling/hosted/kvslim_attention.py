@@ -1,6 +1,6 @@
 """Attention pieces shared by the model classes kvslim hosts (GPT-2, OPT, GPT-NeoX, BERT, RoBERTa).
 
-Self-contained (torch only) and copied next to every hosted checkpoint with its modeling file.
+Self-contained (torch and transformers only) and copied next to every hosted checkpoint with its modeling file.
 
 * Grouped-query attention: `eager_gqa_attention` is the reference implementation for any KV head
   count (each KV head serves its group of query heads); under SDPA the hosted classes use
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def set_key_value_heads(config, num_key_value_heads: int | None) -> None:
@@ -185,8 +186,6 @@ class LatentRopeAttention(nn.Module):
             key = torch.cat([k_nope, k_rope[:, None].expand(-1, nh, -1, -1)], dim=-1)
             if scale is not None:
                 key = key * scale[..., None]
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
             extra = {"softcap": self.softcap} if self.softcap is not None else {}
             if self.sliding_window is not None:
