@@ -78,34 +78,40 @@ def check_rank(kv_rank: int, layout: AttentionLayout, hidden: int) -> None:
         )
 
 
-def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int) -> None:
+def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int, rotary_dims: int | None = None) -> None:
+    """`rotary_dims`: dims of a head that RoPE rotates (partial rotary: fewer than the head dim)."""
     hd = layout.head_dim
-    if shape.rope_dim < 2 or shape.rope_dim % 2 or shape.rope_dim > hd:
+    rotary_dims = rotary_dims or hd
+    if shape.rope_dim < 2 or shape.rope_dim % 2 or shape.rope_dim > rotary_dims:
+        limit = f"head dim {hd}" if rotary_dims == hd else f"{rotary_dims} rotary dims of a head"
         raise ConversionError(
             f"--rope-dim {shape.rope_dim} is invalid: it must be even, at least 2 and at most the "
-            f"head dim {hd} (one RoPE key shared by all heads)."
+            f"{limit} (one RoPE key shared by all heads)."
         )
     check_rank(shape.kv_rank, layout, hidden)
 
 
-def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_dim: int | None = None) -> MLAShape:
-    """Largest latent whose cache (rank + anchor + RoPE dims) fits `budget` x the source's KV cache."""
+def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_dim: int | None = None, *,
+                     rotary_dims: int | None = None, reserved: int = 1, reserved_what: str = "anchor") -> MLAShape:
+    """Largest latent whose cache (rank + RoPE dims + `reserved` other elements: DeepseekV3's
+    anchor, or the hosted q/k-norm classes' key-norm scales) fits `budget` x the source's KV cache."""
     source = 2 * layout.num_kv_heads * layout.head_dim
     elements = int(math.floor(budget * source + 1e-9))
     if rope_dim is None:
         # A third of the cache for the shared RoPE key, two thirds for the latent (capped at the
-        # head dim). Measured closed form, SmolLM2 at 1/4 (95 elements, head dim 64): RoPE
+        # rotary dims). Measured closed form, SmolLM2 at 1/4 (95 elements, head dim 64): RoPE
         # 24/28/32/36/40/48/64 -> perplexity 130/112/112/113/119/131/148; llama-mha-gutenberg at
         # 1/8 (63, head dim 32): 16/24/32 -> 124/122/123.
-        rope_dim = min(layout.head_dim, max(2, 2 * int((elements - 1) / 6 + 0.5)))
-    minimum = rope_dim + 2
+        rope_dim = min(rotary_dims or layout.head_dim, max(2, 2 * int((elements - reserved) / 6 + 0.5)))
+    minimum = rope_dim + 1 + reserved
     if elements < minimum:
+        other = f" + {reserved_what} {reserved}" if reserved else ""
         raise ConversionError(
             f"--kv-budget {budget:g} leaves {elements} cache elements per token and layer; MLA needs at "
-            f"least {minimum} (RoPE dims {rope_dim} + latent rank 1 + anchor 1), i.e. a budget >= "
+            f"least {minimum} (RoPE dims {rope_dim} + latent rank 1{other}), i.e. a budget >= "
             f"{minimum / source:.4f} of the source's {source}."
         )
-    rank = min(elements - 1 - rope_dim, max_latent_rank(layout, hidden))
+    rank = min(elements - reserved - rope_dim, max_latent_rank(layout, hidden))
     return MLAShape(rank, rope_dim)
 
 
@@ -287,8 +293,10 @@ def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Ten
 def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLayout, rank: int, rope_dim: int,
                                   theta: torch.Tensor, *, cov: torch.Tensor | None = None, init: str = "whitened",
                                   rope_strategy: str = "rotate", context: int = 512, rope_layout: str = "half",
-                                  rope_window: tuple[int, int] | None = None, norm_eps: float = 1e-6) -> dict:
-    """Tensors of kvslim's hosted `LatentRopeAttention` (names relative to the module) for one layer.
+                                  rope_window: tuple[int, int] | None = None,
+                                  norm_eps: float = 1e-6) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """Tensors of kvslim's hosted `LatentRopeAttention` (names relative to the module) for one layer,
+    and the (start, stride) of the RoPE pairs it keeps.
 
     Unlike DeepseekV3, the hosted module keeps the source's query path (q_proj, per-head q-norm,
     its scaling) and rotates with the source's own cos/sin, so no temperature or frequency
@@ -300,7 +308,7 @@ def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLa
         raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
     if rope_strategy not in ROPE_STRATEGIES:
         raise ConversionError(f"Unknown RoPE strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
-    nh, hd, nkv = layout.num_heads, layout.head_dim, layout.num_kv_heads
+    nh, hd = layout.num_heads, layout.head_dim
     d = weights.q_w.shape[1]
     f64 = torch.float64
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)

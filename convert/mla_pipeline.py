@@ -7,7 +7,6 @@ q_lora_rank None unless the source has a query bias, dense MLP in every layer, n
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +35,20 @@ def check_budget_or_rank(kv_budget: float | None, kv_rank: int | None, rank_usag
     if kv_budget is not None and not 0 < kv_budget <= 1:
         raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1].")
     return kv_budget is not None
+
+
+def choose_shape(kv_budget: float | None, kv_rank: int | None, rope_dim: int | None, layout, *,
+                 rotary_dims: int | None = None, reserved: int = 1, reserved_what: str = "anchor") -> MLAShape:
+    """Latent rank and RoPE dims from --kv-budget, or --kv-rank [--rope-dim], checked. `reserved`:
+    other cached elements per token and layer (see shape_for_budget)."""
+    rotary_dims = rotary_dims or layout.head_dim
+    if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R [--rope-dim D]"):
+        shape = shape_for_budget(kv_budget, layout, layout.hidden_size, rope_dim, rotary_dims=rotary_dims,
+                                 reserved=reserved, reserved_what=reserved_what)
+    else:
+        shape = MLAShape(kv_rank, rope_dim if rope_dim is not None else min(rotary_dims, 64))
+    check_shape(shape, layout, layout.hidden_size, rotary_dims)
+    return shape
 
 
 def source_frequencies(config) -> torch.Tensor:
@@ -94,11 +107,7 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     if rope_strategy not in ROPE_STRATEGIES:
         raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
     hidden = layout.hidden_size
-    if check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R [--rope-dim D]"):
-        shape = shape_for_budget(kv_budget, layout, hidden, rope_dim)
-    else:
-        shape = MLAShape(kv_rank, rope_dim if rope_dim is not None else min(layout.head_dim, 64))
-    check_shape(shape, layout, hidden)
+    shape = choose_shape(kv_budget, kv_rank, rope_dim, layout)
     if adapter.rope(src.config) != adapter.rope_layout:
         raise ConversionError(
             f"MLA conversion needs RoPE on the whole head; this '{src.model_type}' rotates only part of it "
@@ -210,32 +219,6 @@ def hosted_mla_class(adapter: AttentionAdapter, config) -> str | None:
     return model_type if not deepseek and model_type in HOSTED else None
 
 
-def hosted_shape(budget: float | None, kv_rank: int | None, rope_dim: int | None, layout, rotary_dims: int,
-                 overhead: int) -> tuple[int, int]:
-    """(latent rank, RoPE dims) of a hosted latent-RoPE layer; `overhead`: other cached elements
-    per token and layer (key-norm scales). The budget rule is the DeepseekV3 path's (a third of
-    the cache for the RoPE key), capped at the rotary dims."""
-    if budget is not None:
-        elements = int(math.floor(budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9))
-        free = elements - overhead
-        if rope_dim is None:
-            rope_dim = min(rotary_dims, max(2, 2 * int(free / 6 + 0.5)))
-        if free < rope_dim + 1:
-            raise ConversionError(
-                f"--kv-budget {budget:g} leaves {elements} cache elements per token and layer; this MLA needs at least "
-                f"{overhead + rope_dim + 1} (RoPE dims {rope_dim} + latent rank 1"
-                + (f" + {overhead} key-norm scales" if overhead else "") + ")."
-            )
-        kv_rank = min(free - rope_dim, max_latent_rank(layout, layout.hidden_size))
-    elif rope_dim is None:
-        rope_dim = min(rotary_dims, 64)
-    if rope_dim < 2 or rope_dim % 2 or rope_dim > rotary_dims:
-        raise ConversionError(f"--rope-dim {rope_dim} is invalid: it must be even, at least 2 and at most the "
-                              f"{rotary_dims} rotary dims of a head (one RoPE key shared by all heads).")
-    check_rank(kv_rank, layout, layout.hidden_size)
-    return kv_rank, rope_dim
-
-
 def layer_frequencies(call: dict, re: torch.Tensor) -> torch.Tensor:
     """The source's RoPE frequency of each pair in this layer, read off the cos/sin the model
     passes it (position 1): covers per-layer RoPE (Gemma 3 local/global) and any scaling rule."""
@@ -320,9 +303,10 @@ def _convert_hosted_rope_mla(src, adapter, layout, out, writer_factory, record, 
     rope_layout = adapter.rope(src.config)
     re, im = pair_indices(layout.head_dim, rope_layout)
     key_norm = adapter.qk_norm
-    overhead = layout.num_kv_heads if key_norm else 0
-    check_budget_or_rank(kv_budget, kv_rank, "--kv-rank R [--rope-dim D]")
-    kv_rank, rope_dim = hosted_shape(kv_budget, kv_rank, rope_dim, layout, 2 * re.shape[0], overhead)
+    overhead = layout.num_kv_heads if key_norm else 0  # one key-norm gain per source KV head
+    shape = choose_shape(kv_budget, kv_rank, rope_dim, layout, rotary_dims=2 * re.shape[0], reserved=overhead,
+                         reserved_what="key-norm scales")
+    kv_rank, rope_dim = shape.kv_rank, shape.rope_dim
     text = text_config(src.config)
     eps = getattr(text, "rms_norm_eps", 1e-6)
 

@@ -137,10 +137,6 @@ class LatentRopeAttention(nn.Module):
         self.register_buffer("rope_re", torch.zeros(P, dtype=torch.long))  # source dims of the kept pairs
         self.register_buffer("rope_im", torch.zeros(P, dtype=torch.long))
 
-    @property
-    def cache_width(self) -> int:
-        return self.rank + 2 * self.pairs + (self.num_key_value_heads if self.k_norm_proj is not None else 0)
-
     def _rotate(self, parts: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """parts (..., 2P) = [re; im] at positions whose cos/sin (..., P) are given."""
         re, im = parts.chunk(2, dim=-1)
@@ -210,3 +206,34 @@ class LatentRopeAttention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         context = torch.einsum("bhqk,bkr->bhqr", scores.softmax(-1).to(latent.dtype), latent)
         return torch.einsum("bhqr,hvr->bqhv", context, w[:, hd:])
+
+
+def latent_rope_config(base):
+    """`base` (a Transformers config class) plus the two fields LatentRopeAttention reads."""
+
+    class LatentRopeConfig(base):
+        def __init__(self, kv_lora_rank: int = 64, qk_rope_head_dim: int = 16, **kwargs):
+            super().__init__(**kwargs)
+            self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
+
+    return LatentRopeConfig
+
+
+def use_latent_rope_attention(layers: nn.ModuleList, config, attribute: str = "self_attn") -> None:
+    """Replace each layer's attention module (`attribute`) by LatentRopeAttention, with the
+    family's settings read from its config: head dim, query scaling (Gemma's
+    query_pre_attn_scalar), biases, the key norm (`latent_key_norm` of kvslim's config class),
+    soft-capping (Gemma 2) and sliding windows (per layer type; on every layer where the config
+    has no layer types, as Phi-3)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = getattr(config, "query_pre_attn_scalar", None) or head_dim
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    bias = getattr(config, "attention_bias", False)
+    for i, layer in enumerate(layers):
+        sliding = layer_types is None or layer_types[i] == "sliding_attention"
+        setattr(layer, attribute, LatentRopeAttention(
+            config, i, head_dim=head_dim, scaling=scalar**-0.5, num_key_value_heads=config.num_key_value_heads,
+            attention_bias=bias, output_bias=bias, key_norm=getattr(config, "latent_key_norm", False),
+            norm_eps=getattr(config, "rms_norm_eps", 1e-6), softcap=getattr(config, "attn_logit_softcapping", None),
+            sliding_window=window if sliding else None))

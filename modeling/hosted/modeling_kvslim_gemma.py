@@ -16,41 +16,20 @@ from __future__ import annotations
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2Model, Gemma3ForCausalLM, Gemma3TextConfig,
                           Gemma3TextModel, GemmaConfig, GemmaForCausalLM, GemmaModel)
 
-from .kvslim_attention import LatentRopeAttention
+from .kvslim_attention import latent_rope_config, use_latent_rope_attention
 
 
-def _latent_config(base):
-    class Config(base):
-        def __init__(self, kv_lora_rank: int = 64, qk_rope_head_dim: int = 16, **kwargs):
-            super().__init__(**kwargs)
-            self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
-    return Config
-
-
-class KvslimGemmaConfig(_latent_config(GemmaConfig)):
+class KvslimGemmaConfig(latent_rope_config(GemmaConfig)):
     model_type = "kvslim_gemma"
 
 
-class KvslimGemma2Config(_latent_config(Gemma2Config)):
+class KvslimGemma2Config(latent_rope_config(Gemma2Config)):
     model_type = "kvslim_gemma2"
 
 
-class KvslimGemma3TextConfig(_latent_config(Gemma3TextConfig)):
+class KvslimGemma3TextConfig(latent_rope_config(Gemma3TextConfig)):
     model_type = "kvslim_gemma3_text"
-    latent_key_norm = True  # the cache holds one key-norm gain per KV head and token
-
-
-def _use_latent_attention(layers, config) -> None:
-    key_norm = getattr(config, "latent_key_norm", False)  # Gemma 3 normalises each q/k head
-    scalar = getattr(config, "query_pre_attn_scalar", None) or config.head_dim
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * len(layers)
-    for i, layer in enumerate(layers):
-        sliding = layer_types[i] == "sliding_attention"
-        layer.self_attn = LatentRopeAttention(
-            config, i, head_dim=config.head_dim, scaling=scalar**-0.5, num_key_value_heads=config.num_key_value_heads,
-            attention_bias=config.attention_bias, output_bias=config.attention_bias, key_norm=key_norm,
-            norm_eps=config.rms_norm_eps, softcap=getattr(config, "attn_logit_softcapping", None),
-            sliding_window=config.sliding_window if sliding else None)
+    latent_key_norm = True  # Gemma 3 normalises each q/k head: the cache holds one key-norm gain per KV head
 
 
 class KvslimGemmaModel(GemmaModel):
@@ -58,7 +37,7 @@ class KvslimGemmaModel(GemmaModel):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.layers, config)
+        use_latent_rope_attention(self.layers, config)
         self.post_init()
 
 
@@ -67,7 +46,7 @@ class KvslimGemmaForCausalLM(GemmaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.model.layers, config)
+        use_latent_rope_attention(self.model.layers, config)
         self.post_init()
 
 
@@ -76,7 +55,7 @@ class KvslimGemma2Model(Gemma2Model):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.layers, config)
+        use_latent_rope_attention(self.layers, config)
         self.post_init()
 
 
@@ -85,7 +64,7 @@ class KvslimGemma2ForCausalLM(Gemma2ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.model.layers, config)
+        use_latent_rope_attention(self.model.layers, config)
         self.post_init()
 
 
@@ -94,7 +73,7 @@ class KvslimGemma3TextModel(Gemma3TextModel):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.layers, config)
+        use_latent_rope_attention(self.layers, config)
         self.post_init()
 
 
@@ -103,7 +82,7 @@ class KvslimGemma3ForCausalLM(Gemma3ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        _use_latent_attention(self.model.layers, config)
+        use_latent_rope_attention(self.model.layers, config)
         self.post_init()
 
 

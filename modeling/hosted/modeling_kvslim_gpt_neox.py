@@ -21,7 +21,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, apply_rotary_pos_emb
 
-from .kvslim_attention import LatentRopeAttention, eager_gqa_attention, set_key_value_heads
+from .kvslim_attention import eager_gqa_attention, set_key_value_heads, use_latent_rope_attention
 
 # GPT-NeoX's own eager attention takes the softmax in float32
 eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
@@ -64,14 +64,11 @@ class KvslimGPTNeoXAttention(GPTNeoXAttention):
 
 
 def _use_gqa_attention(layers: nn.ModuleList, config: KvslimGPTNeoXConfig) -> None:
-    head_dim = config.hidden_size // config.num_attention_heads
+    if config.kv_lora_rank:  # multi-head latent attention with a shared RoPE key
+        use_latent_rope_attention(layers, config, attribute="attention")
+        return
     for i, layer in enumerate(layers):
-        if config.kv_lora_rank:  # multi-head latent attention with a shared RoPE key
-            layer.attention = LatentRopeAttention(
-                config, i, head_dim=head_dim, scaling=head_dim**-0.5, num_key_value_heads=config.num_key_value_heads,
-                attention_bias=config.attention_bias, output_bias=config.attention_bias)
-        else:
-            layer.attention = KvslimGPTNeoXAttention(config, layer_idx=i)
+        layer.attention = KvslimGPTNeoXAttention(config, layer_idx=i)
 
 
 class KvslimGPTNeoXModel(GPTNeoXModel):

@@ -14,23 +14,11 @@ from __future__ import annotations
 
 from transformers import Phi3Config, Phi3ForCausalLM, Phi3Model
 
-from .kvslim_attention import LatentRopeAttention
+from .kvslim_attention import latent_rope_config, use_latent_rope_attention
 
 
-class KvslimPhi3Config(Phi3Config):
+class KvslimPhi3Config(latent_rope_config(Phi3Config)):
     model_type = "kvslim_phi3"
-
-    def __init__(self, kv_lora_rank: int = 64, qk_rope_head_dim: int = 16, **kwargs):
-        super().__init__(**kwargs)
-        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
-
-
-def _use_latent_attention(layers, config: KvslimPhi3Config) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for i, layer in enumerate(layers):
-        layer.self_attn = LatentRopeAttention(
-            config, i, head_dim=head_dim, scaling=head_dim**-0.5, num_key_value_heads=config.num_key_value_heads,
-            sliding_window=getattr(config, "sliding_window", None))
 
 
 class KvslimPhi3Model(Phi3Model):
@@ -38,7 +26,7 @@ class KvslimPhi3Model(Phi3Model):
 
     def __init__(self, config: KvslimPhi3Config):
         super().__init__(config)
-        _use_latent_attention(self.layers, config)
+        use_latent_rope_attention(self.layers, config)
         self.post_init()
 
 
@@ -47,7 +35,7 @@ class KvslimPhi3ForCausalLM(Phi3ForCausalLM):
 
     def __init__(self, config: KvslimPhi3Config):
         super().__init__(config)
-        _use_latent_attention(self.model.layers, config)
+        use_latent_rope_attention(self.model.layers, config)
         self.post_init()
 
 

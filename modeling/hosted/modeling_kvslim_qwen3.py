@@ -13,26 +13,12 @@ from __future__ import annotations
 
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from .kvslim_attention import LatentRopeAttention
+from .kvslim_attention import latent_rope_config, use_latent_rope_attention
 
 
-class KvslimQwen3Config(Qwen3Config):
+class KvslimQwen3Config(latent_rope_config(Qwen3Config)):
     model_type = "kvslim_qwen3"
     latent_key_norm = True  # the cache holds one key-norm gain per KV head and token
-
-    def __init__(self, kv_lora_rank: int = 64, qk_rope_head_dim: int = 16, **kwargs):
-        super().__init__(**kwargs)
-        self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
-
-
-def _use_latent_attention(layers, config: KvslimQwen3Config) -> None:
-    for i, layer in enumerate(layers):
-        sliding = config.layer_types[i] == "sliding_attention"
-        layer.self_attn = LatentRopeAttention(
-            config, i, head_dim=config.head_dim, scaling=config.head_dim**-0.5,
-            num_key_value_heads=config.num_key_value_heads, attention_bias=config.attention_bias,
-            output_bias=config.attention_bias, key_norm=config.latent_key_norm, norm_eps=config.rms_norm_eps,
-            sliding_window=config.sliding_window if sliding else None)
 
 
 class KvslimQwen3Model(Qwen3Model):
@@ -40,7 +26,7 @@ class KvslimQwen3Model(Qwen3Model):
 
     def __init__(self, config: KvslimQwen3Config):
         super().__init__(config)
-        _use_latent_attention(self.layers, config)
+        use_latent_rope_attention(self.layers, config)
         self.post_init()
 
 
@@ -49,7 +35,7 @@ class KvslimQwen3ForCausalLM(Qwen3ForCausalLM):
 
     def __init__(self, config: KvslimQwen3Config):
         super().__init__(config)
-        _use_latent_attention(self.model.layers, config)
+        use_latent_rope_attention(self.model.layers, config)
         self.post_init()
 
 
