@@ -349,7 +349,7 @@ def _convert_hosted_rope_mla(src, adapter, layout, out, writer_factory, record, 
             if refine_steps:
                 converted, err = _refine(runner, adapter, i, target_layers[i], converted, refine_steps, refine_lr)
                 errors.append(round(err, 6))
-            runner.advance(i, target_layers[i], {k: v.float() if v.is_floating_point() else v for k, v in converted.items()})
+            runner.advance(i, target_layers[i], {k: _cast(v, torch.float32) for k, v in converted.items()})
             for name in src.layer_names(adapter.prefix(i)):
                 if not name.startswith(attn_prefix):
                     writer.add(adapter.output_name(name), _cast(src.reader.get(name), out_dtype))

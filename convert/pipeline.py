@@ -267,7 +267,7 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
 
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
-    f32 = {k: v.float() if v.is_floating_point() else v for k, v in {**(layer_tensors or {}), **converted}.items()}
+    f32 = {k: _cast(v, torch.float32) for k, v in {**(layer_tensors or {}), **converted}.items()}
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
                                source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
@@ -275,7 +275,7 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().clone()
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
-    dtype = next(iter(converted.values())).dtype
+    dtype = next(v.dtype for v in converted.values() if v.is_floating_point())
     return {**converted, **{k: v.to(dtype) for k, v in fitted.items()}}, err
 
 
