@@ -83,14 +83,18 @@ def run(contexts, batches, steps, chunk, work: Path) -> dict:
                     print(f"{name:15s} {label:36s} b{batch} ctx {row['context']:5d}  KV {row['kv_bytes_allocated'] / 2**20:8.1f} MiB "
                           f"(theory {row['kv_bytes_theoretical'] / 2**20:8.1f})  prefill {row['prefill_tok_s']:8.0f} tok/s  "
                           f"decode {row['decode_tok_s']:7.1f} tok/s", flush=True)
-    return {"machine": machine(), "steps": steps, "prefill_chunk": chunk, "rows": results}
+    import torch
+
+    return {"machine": machine(), "steps": steps, "prefill_chunk": chunk, "threads": torch.get_num_threads(),
+            "rows": results}
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Decode speed and KV cache memory", "",
              f"{machine_line(m)} Model: llama-mha-gutenberg and its conversions (fp32); "
-             f"{result['steps']} greedy decode steps after a prefill in chunks of {result['prefill_chunk']}.", "",
+             f"{result['steps']} greedy decode steps after a prefill in chunks of {result['prefill_chunk']}; "
+             f"{result.get('threads', '?')} torch threads per measuring process, one process at a time.", "",
              "| model | path | batch | context | KV MiB allocated | KV MiB theory | prefill tok/s | decode tok/s | "
              "decode vs transformers | decode vs source | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hosted.kvslim_attention import latent_attention
+
 IMPLEMENTATION = "kvslim_sdpa"
 _ORIGINALS = "_kvslim_originals"
 
@@ -135,10 +137,9 @@ class AbsorbedMLAAttention(nn.Module):
             w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
             w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
             q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_uk)
-            query = torch.cat([q_latent, q_rot], dim=-1)  # (B, H, Q, r + dr)
-            key = torch.cat([latent, k_rot], dim=-1)  # (B, 1, K, r + dr): MQA with one KV head
-            out_latent, _ = kvslim_sdpa_attention(self, query, key, latent, attention_mask, dropout, self.scaling)
-            out = torch.einsum("bqhr,hvr->bqhv", out_latent, w_uv)
+            context = latent_attention(q_latent, latent[:, 0], q_rot, k_rot[:, 0], scaling=self.scaling,
+                                       attention_mask=attention_mask, dropout=dropout, training=self.training)
+            out = torch.einsum("bhqr,hvr->bqhv", context, w_uv)
         else:
             kv = self.kv_b_proj(latent).view(b, latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, value = torch.split(kv.transpose(1, 2), [self.qk_nope_head_dim, self.v_head_dim], dim=-1)

@@ -55,6 +55,38 @@ def eager_gqa_attention(module, query, key, value, attention_mask, scaling=None,
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+def latent_attention(q_latent, latent, q_rope=None, k_rope=None, *, scaling: float, attention_mask=None,
+                     key_scale=None, softcap: float | None = None, is_causal: bool = True, dropout: float = 0.0,
+                     training: bool = False):
+    """Absorbed attention over a latent cache (MQA with one KV head that is never expanded).
+
+    q_latent (B, H, Q, r) against latent (B, K, r), plus q_rope (B, H, Q, p) against the shared
+    RoPE key k_rope (B, K, p); key_scale (B, H, K) multiplies the scores (q/k-norm sources).
+    Without a mask, causal attention puts the queries at the end of the keys (mask functions may
+    return None and leave causality to the kernel).
+    Returns the latent context softmax(scores) . c, (B, H, Q, r). Every head's queries are rows of
+    one matmul against the cache, read in place: nothing is repeated or concatenated per step.
+    """
+    b, heads, q_len, rank = q_latent.shape
+    k_len = latent.shape[1]
+    scores = torch.bmm(q_latent.reshape(b, heads * q_len, rank), latent.transpose(1, 2))
+    if q_rope is not None:
+        scores = torch.baddbmm(scores, q_rope.reshape(b, heads * q_len, -1), k_rope.transpose(1, 2))
+    scores = scores.view(b, heads, q_len, k_len)
+    if key_scale is not None:
+        scores = scores * key_scale[:, :, None]
+    scores = scores.float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = None if attention_mask is None else attention_mask[..., :k_len]
+    if mask is None and is_causal and q_len > 1:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = F.dropout(scores.softmax(-1).to(latent.dtype), p=dropout, training=training)
+    return torch.bmm(probs.view(b, heads * q_len, k_len), latent).view(b, heads, q_len, rank)
+
+
 class LatentKV(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, rank: int):
         super().__init__()
@@ -72,9 +104,10 @@ class LatentKV(nn.Module):
             w = self.kv_b_proj.weight.view(self.num_heads, 2 * self.head_dim, self.rank)
             w_uk, w_uv = w[:, : self.head_dim], w[:, self.head_dim:]
             q_latent = torch.einsum("bhqd,hdr->bhqr", query, w_uk)
-            mask = None if attention_mask is None else attention_mask[..., : latent.shape[2]]
-            out = F.scaled_dot_product_attention(q_latent, latent, latent, attn_mask=mask, dropout_p=dropout,
-                                                 scale=scaling, enable_gqa=True)  # one KV head, never expanded
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            out = latent_attention(q_latent, latent[:, 0], scaling=scaling, attention_mask=attention_mask,
+                                   is_causal=getattr(module, "is_causal", True), dropout=dropout,
+                                   training=module.training)
             return torch.einsum("bhqr,hvr->bqhv", out, w_uv)
         b, _, length, _ = latent.shape
         kv = self.kv_b_proj(latent[:, 0]).view(b, length, self.num_heads, 2 * self.head_dim).transpose(1, 2)
@@ -195,16 +228,8 @@ class LatentRopeAttention(nn.Module):
         nh, hd = self.num_heads, self.head_dim
         w = self.kv_b_proj.weight.view(nh, 2 * hd, self.rank)
         q_latent = torch.einsum("bhqd,hdr->bhqr", query[..., :hd], w[:, :hd])
-        scores = torch.einsum("bhqr,bkr->bhqk", q_latent, latent) + torch.einsum("bhqp,bkp->bhqk", query[..., hd:], k_rope)
-        if scale is not None:
-            scores = scores * scale[:, :, None]
-        scores = scores.float() * self.scaling
-        if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        if attention_mask is not None:
-            mask = attention_mask[..., : latent.shape[1]]
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        context = torch.einsum("bhqk,bkr->bhqr", scores.softmax(-1).to(latent.dtype), latent)
+        context = latent_attention(q_latent, latent, query[..., hd:], k_rope, scaling=self.scaling,
+                                   attention_mask=attention_mask, key_scale=scale, softcap=self.softcap)
         return torch.einsum("bhqr,hvr->bqhv", context, w[:, hd:])
 
 
