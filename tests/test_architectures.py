@@ -353,8 +353,10 @@ def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_mod
             quarter(input_ids=IDS, past_key_values=cache, use_cache=True)
         layer = cache.layers[0]
         assert layer.keys.shape == (2, 1, IDS.shape[1], 32) and layer.values.numel() == 0  # only the latent
-        generated = quarter.generate(IDS[:1], max_new_tokens=5, do_sample=False)
-        assert torch.equal(generated, greedy_without_cache(quarter, 5))
+        want = greedy_without_cache(quarter, 5)
+        for cache in ("dynamic", "static"):
+            generated = quarter.generate(IDS[:1], max_new_tokens=5, do_sample=False, cache_implementation=cache)
+            assert torch.equal(generated, want)
 
 
 def test_hosted_mla_bad_input(save_model, tmp_path):

@@ -140,11 +140,14 @@ def test_enable_is_explicit_and_reversible():
     torch.testing.assert_close(_logits(model, IDS), before, atol=0, rtol=0)
 
 
-def test_absorbed_generate_matches_transformers():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_absorbed_generate_matches_transformers(cache):
     model = tiny_deepseek(seed=3)
-    want = model.generate(IDS, attention_mask=PADDED, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kwargs = dict(attention_mask=PADDED, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache)
+    want = model.generate(IDS, **kwargs)
     km.enable(model)
-    got = model.generate(IDS, attention_mask=PADDED, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = model.generate(IDS, **kwargs)
     assert torch.equal(got, want)
 
 
