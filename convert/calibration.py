@@ -186,6 +186,8 @@ class LayerwiseRunner:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.model = meta_model(source.config, adapter.model_kind)
+        self.model_kind = adapter.model_kind
+        self._converted_weights: dict[str, torch.Tensor] | None = None
         self.base = self.model.get_submodule(adapter.base_path)
         self.layers_path = adapter.layers_path
         self.layers: nn.ModuleList = self.model.get_submodule(adapter.layers_path)
@@ -211,16 +213,29 @@ class LayerwiseRunner:
             if exclude and name.startswith(exclude + "."):
                 continue
             key = prefix + name
-            if key in overrides:
-                value = overrides[key]
-            elif key in self.source.reader.keys():  # a keys view: constant-time membership
-                value = self.source.reader.get(key)
-            else:
-                raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
+            value = overrides[key] if key in overrides else self._weight(key)
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32))
         for name, _ in list(module.named_buffers()):  # e.g. the kept RoPE pairs of a hosted MLA layer
             if prefix + name in overrides:
                 set_module_tensor_to_device(module, name, self.device, value=overrides[prefix + name])
+
+    def _weight(self, key: str) -> torch.Tensor:
+        """A module parameter's value from the checkpoint. Some checkpoints store weights in
+        another layout than the module holds them (MoE experts: one tensor per expert on disk,
+        fused in the module); those are loaded once through Transformers, whose conversion
+        rules then apply, and looked up by module name."""
+        if key in self.source.reader.keys():  # a keys view: constant-time membership
+            return self.source.reader.get(key)
+        if self._converted_weights is None:
+            from transformers import AutoModel, AutoModelForCausalLM
+
+            auto = AutoModelForCausalLM if self.model_kind == "causal" else AutoModel
+            kwargs = {"gguf_file": self.source.gguf_file} if self.source.gguf_file else {}
+            model = auto.from_pretrained(str(self.source.directory), dtype=torch.float32, **kwargs)
+            self._converted_weights = dict(model.state_dict())
+        if key not in self._converted_weights:
+            raise ConversionError(f"The checkpoint has no tensor '{key}' that the model needs.")
+        return self._converted_weights[key]
 
     def _capture_layer_inputs(self, input_ids: torch.Tensor) -> tuple[list[dict], list[torch.Tensor]]:
         sink: list = []

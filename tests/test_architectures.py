@@ -406,3 +406,24 @@ def test_phi3_to_deepseek_mla(save_model, tmp_path, text_file):
     out = load(tmp_path / "partial")
     assert type(out).__name__ == "KvslimPhi3ForCausalLM"
     torch.testing.assert_close(outputs(out), outputs(model), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_calibrated_gqa_keeps_every_expert(arch, save_model, tmp_path, text_file):
+    """MoE checkpoints hold one tensor per expert where the modules fuse them; calibration loads
+    those through Transformers, and the output keeps every non-attention tensor unchanged."""
+    from conftest import make_model
+    from safetensors.torch import load_file
+
+    src = save_model(make_model(arch, 8, 4), arch)
+    record = kvslim.convert(str(src), tmp_path / "gqa", to="gqa", kv_heads=2, calib_data=str(text_file),
+                            calib_samples=8, calib_seq_len=32, refine_steps=5, progress=False)
+    assert record.refinement is not None and record.calibration["samples"] == 8
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "gqa" / "model.safetensors")
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        if ".self_attn." not in name:
+            assert torch.equal(after[name], tensor), name
+    out = load(tmp_path / "gqa")
+    assert out.config.num_key_value_heads == 2
+    assert torch.equal(out.generate(IDS[:1], max_new_tokens=4, do_sample=False), greedy_without_cache(out, 4))
