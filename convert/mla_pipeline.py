@@ -97,10 +97,12 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
     from .pipeline import _cast, _refine, copy_non_layer_tensors
 
     if src.model_type not in MLA_SOURCES:
+        from ..modeling.hosted import HOSTED
+
         raise ConversionError(
             f"MLA conversion of '{src.model_type}' is not supported; supported sources: {', '.join(MLA_SOURCES)} "
-            "(written as DeepseekV3: their SwiGLU MLP and RMSNorm map onto it exactly) and qwen3, gemma, gemma2, "
-            "gemma3_text, gpt_neox, gpt2, opt, bert, roberta (kvslim-hosted classes)."
+            "(written as DeepseekV3: their SwiGLU MLP and RMSNorm map onto it exactly) and "
+            f"{', '.join(HOSTED)} (kvslim-hosted classes)."
         )
     if init not in INITS:
         raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")

@@ -1,5 +1,5 @@
 """MLA for RoPE architectures DeepseekV3 cannot express (Qwen3 and Gemma 3 q/k norms, Gemma/Gemma 2
-blocks, GPT-NeoX partial rotary): kvslim's hosted classes with `LatentRopeAttention`."""
+blocks, GPT-NeoX partial rotary, softmax-routed MoE): kvslim's hosted classes with `LatentRopeAttention`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def source(arch):
     return make_model(arch, 8, 1, **extra), 16  # one KV head: exact with one shared RoPE key
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma", "gemma2", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma", "gemma2", "gemma3_text", "gpt_neox", "mixtral", "qwen2_moe",
+                                  "qwen3_moe"])
 def test_full_rank_all_rotary_pairs_is_exact(arch, save_model, tmp_path, text_file):
     model, rotary = source(arch)
     src = save_model(model, arch)
@@ -45,13 +46,13 @@ def test_full_rank_all_rotary_pairs_is_exact(arch, save_model, tmp_path, text_fi
     torch.testing.assert_close(outputs(full), outputs(model), rtol=0, atol=2e-4)
     torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "full", "causal", tmp_path), outputs(full),
                                rtol=0, atol=1e-5)
-    key_norm = arch in ("qwen3", "gemma3_text")
+    key_norm = arch in ("qwen3", "gemma3_text", "qwen3_moe")
     assert record.mla["key_norm_scales"] == (1 if key_norm else 0)
     assert ("exact" in record.mla["qk_norm"]) == key_norm
     assert kvslim.describe(full.config).kv_bytes_per_token == record.kv_bytes_per_token_after
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "gpt_neox", "qwen3_moe"])
 def test_budget_cache_holds_latent_rope_key_and_scales_and_decode_is_absorbed(arch, save_model, tmp_path, text_file):
     from transformers import DynamicCache
 

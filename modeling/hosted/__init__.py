@@ -1,6 +1,7 @@
 """Model classes kvslim hosts for architectures whose Transformers class cannot express the
 converted attention: GPT-2, GPT-NeoX, OPT, BERT and RoBERTa ignore `num_key_value_heads`, and MLA
-of Qwen3 and the Gemma family cannot become DeepseekV3 (per-head q/k norms, GeGLU, soft-capping).
+of Qwen3, the Gemma family and the MoE models cannot become DeepseekV3 (per-head q/k norms, GeGLU,
+soft-capping, softmax routers).
 
 Each lives in one self-contained modeling file that is also copied next to the checkpoints it
 describes (config `auto_map`), so they load with `trust_remote_code=True` without kvslim. Importing
@@ -15,7 +16,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import (modeling_kvslim_bert, modeling_kvslim_gemma, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox,
-               modeling_kvslim_opt, modeling_kvslim_phi3, modeling_kvslim_qwen3)
+               modeling_kvslim_moe, modeling_kvslim_opt, modeling_kvslim_phi3, modeling_kvslim_qwen3)
 
 HERE = Path(__file__).resolve().parent
 # name -> (module, config class, {auto class: model class})
@@ -38,6 +39,13 @@ HOSTED = {
                {"AutoModel": "KvslimGemma2Model", "AutoModelForCausalLM": "KvslimGemma2ForCausalLM"}),
     "gemma3_text": (modeling_kvslim_gemma, "KvslimGemma3TextConfig",
                     {"AutoModel": "KvslimGemma3TextModel", "AutoModelForCausalLM": "KvslimGemma3ForCausalLM"}),
+    # MLA only: softmax routers (and Qwen2-MoE's shared expert) that DeepseekV3's MoE cannot express
+    "mixtral": (modeling_kvslim_moe, "KvslimMixtralConfig",
+                {"AutoModel": "KvslimMixtralModel", "AutoModelForCausalLM": "KvslimMixtralForCausalLM"}),
+    "qwen2_moe": (modeling_kvslim_moe, "KvslimQwen2MoeConfig",
+                  {"AutoModel": "KvslimQwen2MoeModel", "AutoModelForCausalLM": "KvslimQwen2MoeForCausalLM"}),
+    "qwen3_moe": (modeling_kvslim_moe, "KvslimQwen3MoeConfig",
+                  {"AutoModel": "KvslimQwen3MoeModel", "AutoModelForCausalLM": "KvslimQwen3MoeForCausalLM"}),
 }
 _AUTO = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}
 

@@ -255,10 +255,11 @@ def use_latent_rope_attention(layers: nn.ModuleList, config, attribute: str = "s
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     bias = getattr(config, "attention_bias", False)
+    query_bias = getattr(config, "qkv_bias", bias)  # Qwen2-MoE: biases on q/k/v only
     for i, layer in enumerate(layers):
         sliding = layer_types is None or layer_types[i] == "sliding_attention"
         setattr(layer, attribute, LatentRopeAttention(
             config, i, head_dim=head_dim, scaling=scalar**-0.5, num_key_value_heads=config.num_key_value_heads,
-            attention_bias=bias, output_bias=bias, key_norm=getattr(config, "latent_key_norm", False),
+            attention_bias=query_bias, output_bias=bias, key_norm=getattr(config, "latent_key_norm", False),
             norm_eps=getattr(config, "rms_norm_eps", 1e-6), softcap=getattr(config, "attn_logit_softcapping", None),
             sliding_window=window if sliding else None))
