@@ -1,11 +1,13 @@
 """Recovery curves: held-out perplexity vs uptraining tokens, LM loss vs distillation vs LoRA-distillation.
 
-Conversions of llama-mha-gutenberg (MQA, MLA at 1/4 of the KV cache; kvslim defaults, no training)
-are uptrained on its training books (disjoint from the held-out books used for evaluation) with
-each recipe; held-out perplexity is measured every `--eval-every` steps on `--eval-rows` packed
-rows of the held-out books (256 tokens each, each book starting with BOS).
+Conversions (kvslim defaults, no training) are uptrained with each recipe on text disjoint from
+the evaluation text; held-out perplexity is measured every `--eval-every` steps on `--eval-rows`
+packed rows (each document starting with BOS).
 
-    python benchmarks/uptrain_recovery.py [--tokens 1M] [--conversions mqa,mla]
+* gutenberg: llama-mha-gutenberg -> MQA and MLA at 1/4 of the KV cache; training books vs held-out books.
+* smollm2: SmolLM2-135M-Instruct (GQA 9/3) -> GQA 3 -> 1 and MLA at 1/4; WikiText-2 validation vs test.
+
+    python benchmarks/uptrain_recovery.py [--model gutenberg|smollm2] [--tokens 1M] [--conversions mqa,mla]
 """
 
 from __future__ import annotations
@@ -20,84 +22,169 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gqa_conversion import CONVERT_CHILD, RESULTS, SHARED, child, figure, machine, machine_line  # noqa: E402
 
 UPTRAIN_CHILD = r"""
-import json, sys
+import json, sys, time
 from kvslim.recipes.uptrain import UptrainConfig, run
 cfg = UptrainConfig.load(sys.argv[1], json.loads(sys.argv[2]))
+started = time.perf_counter()
 result = run(cfg)
-print("RESULT" + json.dumps(result))
+print("RESULT" + json.dumps({**result, "seconds": round(time.perf_counter() - started, 1)}))
 """
 
 RECIPES = {"LM loss": "continued_pretraining", "distillation": "distill", "LoRA distillation": "lora_distill"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1M")
-    parser.add_argument("--conversions", default="mqa,mla")
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-rows", type=int, default=32)
-    parser.add_argument("--name", default="uptrain_recovery")
-    args = parser.parse_args()
+def gutenberg(work: Path) -> dict:
     model = SHARED / "models" / "llama-mha-gutenberg"
     split = json.loads((model / "split.json").read_text())
     books = SHARED / "data" / "text" / "gutenberg"
     train = [str(books / b) for b in split["train"]]
-    held = [str(books / b) for b in split["heldout"]]
-    curves = []
+    calib = work / "calib.txt"
+    calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
+    return dict(name="llama-mha-gutenberg", source=str(model), train=train, held=[str(books / b) for b in split["heldout"]],
+                held_desc="the held-out books", train_desc="the 99 training books", seq_len=256, micro_batch=16,
+                conversions={"mqa": dict(to="mqa"), "mla": dict(to="mla", kv_budget=0.25)},
+                calib=dict(calib_data=str(calib), calib_samples=128, calib_seq_len=256))
+
+
+def smollm2(work: Path) -> dict:
+    """SmolLM2-135M-Instruct (the GGUF, dequantised once); GQA 3 -> 1 (MQA) and MLA at 1/4, calibrated
+    as in the conversion benchmarks; uptrained on WikiText-2 validation, evaluated on WikiText-2 test."""
+    from gqa_conversion import smollm2_spec
+
+    spec = smollm2_spec(work)
+    source = work / "source-hf"
+    if not (source / "config.json").is_file():
+        child(CONVERT_CHILD, json.dumps(dict(source=spec["source"], output=str(source), to="gqa", kv_heads=3)))
+    return dict(name="SmolLM2-135M-Instruct", source=str(source), train=[spec["calib"]], held=spec["eval_files"],
+                held_desc="WikiText-2 test", train_desc="WikiText-2 validation", seq_len=256, micro_batch=8,
+                conversions={"mqa": dict(to="gqa", kv_heads=1, calib_samples=64),
+                             "mla": dict(to="mla", kv_budget=0.25, calib_samples=32)},
+                calib=dict(calib_data=spec["calib"], calib_seq_len=512))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gutenberg", choices=["gutenberg", "smollm2"])
+    parser.add_argument("--tokens", default="1M")
+    parser.add_argument("--conversions", default="mqa,mla")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-rows", type=int, default=32)
+    parser.add_argument("--work", default=None, help="keep the converted models here and reuse them on the next run")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--source-reference", action="store_true",
+                        help="also uptrain the source itself with LM loss on the same tokens: what the training text "
+                             "alone does to held-out perplexity (domain adaptation), apart from recovery")
+    parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the saved JSON")
+    args = parser.parse_args()
+    name = args.name or ("uptrain_recovery" if args.model == "gutenberg" else f"uptrain_recovery_{args.model}")
+    if args.render:
+        render(name, json.loads((RESULTS / f"{name}.json").read_text()))
+        return
     with tempfile.TemporaryDirectory(prefix="kvslim-recovery-") as tmp:
-        work = Path(tmp)
-        calib = work / "calib.txt"
-        calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
-        source_eval = None
-        for conversion in args.conversions.split(","):
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        spec = {"gutenberg": gutenberg, "smollm2": smollm2}[args.model](work)
+        model = spec["source"]
+        base = dict(teacher=model, data=spec["train"], eval_data=spec["held"], seq_len=spec["seq_len"],
+                    micro_batch=spec["micro_batch"], tokens=args.tokens, eval_every=args.eval_every,
+                    eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False)
+        # the source itself on the same rows (lr 0, no teacher)
+        s = child(UPTRAIN_CHILD, "continued_pretraining",
+                  json.dumps({**base, "model": model, "teacher": None, "tokens": 1, "lr": 0.0,
+                              "output": str(Path(tmp) / "source-0")}))
+        source_eval = s["evaluations"][-1]["eval_ppl"]
+        # earlier runs of other conversions of the same model are kept beside this run's
+        curves = []
+        previous = RESULTS / f"{name}.json"
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            if old.get("model") == spec["name"]:
+                redone = set(args.conversions.split(",")) | ({"source"} if args.source_reference else set())
+                curves = [c for c in old["curves"] if c["conversion"] not in redone]
+
+        def record(conversion: str, label: str, recipe: str, result: dict) -> None:
+            # the first evaluation is the student before training (step 0), on the same rows
+            points = [{"tokens": e["tokens"], "eval_ppl": e["eval_ppl"], "teacher_agreement": e.get("teacher_agreement")}
+                      for e in result["evaluations"]]
+            curves.append({"conversion": conversion, "method": label, "recipe": recipe, "points": points,
+                           "seconds": result.get("seconds")})
+            print(f"{conversion} {label:20s} " + "  ".join(f"{p['tokens']/1e6:.3f}M:{p['eval_ppl']:.1f}" for p in points), flush=True)
+            save(name, spec, args, source_eval, curves)
+
+        if args.source_reference:
+            record("source", "LM loss (reference)", "continued_pretraining",
+                   child(UPTRAIN_CHILD, "continued_pretraining",
+                         json.dumps({**base, "model": model, "teacher": None, "output": str(Path(tmp) / "source-lm")})))
+        for conversion in [c for c in args.conversions.split(",") if c]:
             out = work / conversion
-            kwargs = dict(to="mqa") if conversion == "mqa" else dict(to="mla", kv_budget=0.25)
-            child(CONVERT_CHILD, json.dumps(dict(source=str(model), output=str(out), calib_data=str(calib),
-                                                 calib_samples=128, calib_seq_len=256, **kwargs)))
+            if not (out / "config.json").is_file():
+                child(CONVERT_CHILD, json.dumps(dict(source=model, output=str(out),
+                                                     **{**spec["calib"], **spec["conversions"][conversion]})))
             for label, recipe in RECIPES.items():
-                settings = dict(model=str(out), teacher=str(model), data=train, eval_data=held, seq_len=256,
-                                micro_batch=16, tokens=args.tokens, eval_every=args.eval_every,
-                                eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False,
-                                output=str(work / f"{conversion}-{recipe}"))
-                result = child(UPTRAIN_CHILD, recipe, json.dumps(settings))
-                # the first evaluation is the student before training (step 0), on the same rows
-                points = [{"tokens": e["tokens"], "eval_ppl": e["eval_ppl"], "teacher_agreement": e.get("teacher_agreement")}
-                          for e in result["evaluations"]]
-                curves.append({"conversion": conversion, "method": label, "recipe": recipe, "points": points})
-                print(f"{conversion} {label:18s} " + "  ".join(f"{p['tokens']/1e6:.2f}M:{p['eval_ppl']:.1f}" for p in points), flush=True)
-            if source_eval is None:  # the source itself on the same rows (lr 0, no teacher)
-                s = child(UPTRAIN_CHILD, "continued_pretraining",
-                          json.dumps({**settings, "model": str(model), "teacher": None, "tokens": 1, "lr": 0.0,
-                                      "output": str(work / "source-0")}))
-                source_eval = s["evaluations"][-1]["eval_ppl"]
-    result = {"machine": machine(), "tokens": args.tokens, "source_eval_ppl": source_eval, "curves": curves}
+                settings = {**base, "model": str(out), "output": str(Path(tmp) / f"{conversion}-{recipe}")}
+                record(conversion, label, recipe, child(UPTRAIN_CHILD, recipe, json.dumps(settings)))
+
+
+def save(name: str, spec: dict, args, source_eval: float, curves: list[dict]) -> None:
+    """Write JSON, then Markdown and the plot, for every curve so far (called after each run)."""
+    result = {"machine": machine(), "model": spec["name"], "tokens": args.tokens, "seq_len": spec["seq_len"],
+              "micro_batch": spec["micro_batch"], "eval_rows": args.eval_rows, "held_desc": spec["held_desc"],
+              "train_desc": spec["train_desc"], "source_eval_ppl": source_eval, "curves": curves}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    lines = ["# Uptraining recovery (llama-mha-gutenberg)", "",
-             f"{machine_line(result['machine'])} Held-out perplexity on "
-             f"{args.eval_rows} packed 256-token rows of the held-out books; source model: {source_eval:.2f} "
-             f"(10% band: {1.1 * source_eval:.2f}). Training text: the 99 training books.", "",
-             "| conversion | method | tokens -> held-out perplexity | first point within 10% of source |", "|---|---|---|---|"]
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    render(name, result)
+
+
+def render(name: str, result: dict) -> None:
+    """Markdown table and recovery plot from a results JSON."""
+    source_eval, curves = result["source_eval_ppl"], result["curves"]
+    reference = next((c for c in curves if c["conversion"] == "source"), None)
+
+    def vs_reference(point: dict) -> str:
+        # the source uptrained on the same number of tokens (its nearest evaluation)
+        if reference is None:
+            return ""
+        ref = min(reference["points"], key=lambda r: abs(r["tokens"] - point["tokens"]))
+        return f"{point['eval_ppl'] / ref['eval_ppl']:.2f}x"
+
+    lines = [f"# Uptraining recovery ({result['model']})", "",
+             f"{machine_line(result['machine'])} Held-out perplexity on {result['eval_rows']} packed "
+             f"{result['seq_len']}-token rows of {result['held_desc']}; source model: {source_eval:.2f} "
+             f"(10% band: {1.1 * source_eval:.2f}). Training text: {result['train_desc']} (disjoint from the "
+             f"evaluation text); {result['micro_batch']} rows of {result['seq_len']} tokens per step; recipe "
+             "defaults otherwise. A `source` row, where present, is the unconverted source uptrained the same way "
+             "(LM loss): what the training text alone does to held-out perplexity. The last column compares the "
+             "last point with that row at the same token count.", "",
+             "| conversion | method | tokens -> held-out perplexity | first point within 10% of source | run s "
+             "| last vs source uptrained the same way |",
+             "|---|---|---|---|---|---|"]
     for c in curves:
         within = next((p["tokens"] for p in c["points"] if p["eval_ppl"] <= 1.1 * source_eval), None)
         lines.append(f"| {c['conversion']} | {c['method']} | " +
-                     ", ".join(f"{p['tokens'] / 1e6:.2f}M: {p['eval_ppl']:.1f}" for p in c["points"]) +
-                     f" | {'%.2fM tokens' % (within / 1e6) if within is not None else 'not reached'} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+                     ", ".join(f"{p['tokens'] / 1e6:.3g}M: {p['eval_ppl']:.1f}" for p in c["points"]) +
+                     f" | {'%.3gM tokens' % (within / 1e6) if within is not None else 'not reached'} "
+                     f"| {c.get('seconds') or ''} | {vs_reference(c['points'][-1])} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
-    fig, axes = figure(len(args.conversions.split(",")))
-    for ax, conversion in zip(axes, args.conversions.split(",")):
-        for c in [c for c in curves if c["conversion"] == conversion]:
-            ax.plot([p["tokens"] / 1e6 for p in c["points"]], [p["eval_ppl"] for p in c["points"]], marker="o", label=c["method"])
+    conversions = list(dict.fromkeys(c["conversion"] for c in curves if c["conversion"] != "source")) or ["source"]
+    fig, axes = figure(len(conversions))
+    for ax, conversion in zip(axes, conversions):
+        for c in [c for c in curves if c["conversion"] in (conversion, "source")]:
+            is_reference = c["conversion"] == "source"
+            ax.plot([p["tokens"] / 1e6 for p in c["points"]], [p["eval_ppl"] for p in c["points"]],
+                    marker=None if is_reference else "o", ls=":" if is_reference else "-",
+                    label=f"source, {c['method']}" if is_reference else c["method"])
         ax.axhline(source_eval, color="black", lw=1, label="source")
         ax.axhline(1.1 * source_eval, color="grey", ls="--", lw=1, label="source +10%")
         ax.set_xlabel("uptraining tokens (M)")
         ax.set_ylabel("held-out perplexity")
-        ax.set_title(f"llama-mha-gutenberg -> {conversion.upper()}")
+        ax.set_title(f"{result['model']} -> {conversion.upper()}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
-    print("\n".join(lines))
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 if __name__ == "__main__":
