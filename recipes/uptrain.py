@@ -112,7 +112,7 @@ def lr_factor(step: int, total: int, cfg: UptrainConfig) -> float:
     decay_start = total - max(1, int(cfg.decay * total))
     if step < decay_start:
         return 1.0
-    return 1.0 - (1.0 - floor) * (step - decay_start + 1) / max(1, total - decay_start)
+    return max(floor, 1.0 - (1.0 - floor) * (step - decay_start + 1) / max(1, total - decay_start))
 
 
 # ---- model set-up -------------------------------------------------------------------------------
@@ -314,6 +314,7 @@ def run(cfg: UptrainConfig) -> dict:
                     accelerator.clip_grad_norm_(params, cfg.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # what this step used (after step() it is the next step's)
         scheduler.step()
         step += 1
         tokens_done += global_rows * cfg.seq_len
@@ -321,7 +322,7 @@ def run(cfg: UptrainConfig) -> dict:
         values = {k: float(accelerator.reduce(v.detach(), "mean")) for k, v in parts.items()}
         bar.set_postfix(loss=f"{values['total']:.3f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
-        record = {"step": step, "tokens": step * global_rows * cfg.seq_len, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "tokens": step * global_rows * cfg.seq_len, "lr": lr,
                   **values, "tokens_per_s": rate}
         if step % cfg.eval_every == 0 or step == total_steps:
             record.update(evaluate(accelerator.unwrap_model(student), teacher, eval_rows, accelerator.device, cfg.micro_batch))

@@ -60,8 +60,13 @@ def test_packing_keeps_documents_apart(tokenizer_dir):
 
 def test_loss_goes_down(setup, tmp_path):
     recipe.run(cfg(setup, tmp_path, "lm", tokens=128 * 40, lr=3e-3))
-    losses = [r["lm"] for r in log(tmp_path, "lm")]
+    records = log(tmp_path, "lm")
+    losses = [r["lm"] for r in records]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    # the logged lr is the one each step used: warmup, stable peak, WSD decay ending at the floor
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(3e-3 / 2) and max(lrs) == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(0.1 * 3e-3) and min(lrs) >= 0.1 * 3e-3 - 1e-12, lrs
     summary = json.loads((tmp_path / "lm" / "kvslim_uptrain.json").read_text())
     assert summary["steps"] == 40 and summary["evaluations"][-1]["eval_ppl"] > 1
 
