@@ -306,7 +306,9 @@ class LayerwiseRunner:
             acc["n"] += x.shape[0]
 
         self._each_attention_input(index, attention_module, visit)
-        return acc["m"] / acc["n"]
+        # the weight math (eigendecompositions in float64) runs on the CPU beside the source weights;
+        # only the layer forward passes use the calibration device
+        return (acc["m"] / acc["n"]).cpu()
 
     def attention_inputs(self, index: int, attention_module: str) -> tuple[list[torch.Tensor], dict]:
         """The attention inputs of layer `index` per calibration batch, and the other arguments

@@ -226,7 +226,7 @@ def layer_frequencies(call: dict, re: torch.Tensor) -> torch.Tensor:
     passes it (position 1): covers per-layer RoPE (Gemma 3 local/global) and any scaling rule."""
     cos, sin = call["position_embeddings"]
     cos, sin = cos.reshape(-1, *cos.shape[-2:])[0, 1].double(), sin.reshape(-1, *sin.shape[-2:])[0, 1].double()
-    return torch.atan2(sin[re], cos[re])
+    return torch.atan2(sin[re], cos[re]).cpu()  # weight math runs on the CPU
 
 
 def convert_hosted_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, writer_factory, record, *,

@@ -273,7 +273,7 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
                                source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
                                target_call=target_call, frozen=frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
-        fitted = {prefix + n: p.detach().clone()
+        fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
     dtype = next(v.dtype for v in converted.values() if v.is_floating_point())
     return {**converted, **{k: v.to(dtype) for k, v in fitted.items()}}, err
