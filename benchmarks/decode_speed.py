@@ -7,6 +7,7 @@ after the prefill), peak RSS of the measuring process. Every (model, path, batch
 process; ratios are measured side by side in one run.
 
     python benchmarks/decode_speed.py [--contexts 512,2048,8192] [--batches 1,8] [--steps 16]
+    python benchmarks/decode_speed.py --device cuda --flex --contexts 512,2048,8192,32768 [--model synthetic]
 """
 
 from __future__ import annotations
@@ -26,77 +27,150 @@ import json, resource, sys, time
 import torch
 import kvslim.modeling as km
 from transformers import AutoModelForCausalLM, DynamicCache
-path, impl, use_kvslim, batch, contexts, steps, chunk = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+path, impl, mode, batch, contexts, steps, chunk, device, dtype = sys.argv[1:10]
+batch, contexts, steps, chunk = int(batch), json.loads(contexts), int(steps), int(chunk)
+device, dtype = torch.device(device), getattr(torch, dtype)
+on_cuda = device.type == "cuda"
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
-if use_kvslim:
-    km.enable(model)
-per_token = km.describe(model.config).kv_bytes_per_token
+model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=dtype).to(device).eval()
+if mode != "off":  # kvslim's attention: mode is the backend for the non-MLA layers
+    km.enable(model, backend=mode)
+summary = km.describe(model.config)
+per_token = summary.kv_elements_per_token_per_layer * summary.num_layers * torch.tensor([], dtype=dtype).element_size()
 vocab = model.config.vocab_size
+
+
+def sync():
+    if on_cuda:
+        torch.cuda.synchronize()
+
+
+def fill(ids, cache):
+    for s in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True)
+    return out
+
+
 rows = []
-for ctx in contexts:
-    ids = torch.randint(3, vocab, (batch, ctx))
+with torch.inference_mode():
+    # warm-up (kernel selection, allocator, compilation where a backend compiles) outside the timings
     cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
+    nxt = fill(torch.randint(3, vocab, (batch, min(contexts))).to(device), cache).logits[:, -1:].argmax(-1)
+    for _ in range(2):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    del cache
+    for ctx in contexts:
+        ids = torch.randint(3, vocab, (batch, ctx)).to(device)
+        cache = DynamicCache(config=model.config)
+        if on_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        sync()
         t = time.perf_counter()
-        for s in range(0, ctx, chunk):
-            out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True)
+        out = fill(ids, cache)
+        sync()
         prefill = time.perf_counter() - t
         allocated = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         nxt = out.logits[:, -1:].argmax(-1)
+        del out
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
         decode = time.perf_counter() - t
-    rows.append({"context": ctx, "batch": batch, "kv_bytes_allocated": allocated,
-                 "kv_bytes_theoretical": per_token * ctx * batch, "prefill_tok_s": batch * ctx / prefill,
-                 "decode_tok_s": batch * steps / decode})
+        row = {"context": ctx, "batch": batch, "kv_bytes_allocated": allocated,
+               "kv_bytes_theoretical": per_token * ctx * batch, "prefill_tok_s": batch * ctx / prefill,
+               "decode_tok_s": batch * steps / decode}
+        if on_cuda:
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        rows.append(row)
+        del cache
 print("RESULT" + json.dumps({"rows": rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def prepare(work: Path) -> list[tuple[str, str]]:
+def synthetic_source(work: Path, spec: dict) -> str:
+    """A randomly initialised Llama of about 1B parameters (MHA, 16 heads of 128 dims, 16 layers) with
+    the Gutenberg tokenizer: for speed and memory only, where a 6.8M model would measure kernel
+    launches rather than attention."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = work / "synthetic-llama-1b"
+    tok = AutoTokenizer.from_pretrained(spec["source"])
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=65536,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def prepare(work: Path, device: str = "cpu", model: str = "gutenberg") -> list[tuple[str, str]]:
     spec = gutenberg_spec(work)
-    models = [("source MHA 8/8", spec["source"])]
-    for name, kwargs in [("GQA 8/2", dict(to="gqa", kv_heads=2, method="mean")),
-                         ("MQA 8/1", dict(to="mqa", method="mean")),
+    source = spec["source"] if model == "gutenberg" else synthetic_source(work, spec)
+    heads = 8 if model == "gutenberg" else 16
+    # speed only on random weights: no refinement of the MLA initialisation
+    refine = {} if model == "gutenberg" else dict(refine_steps=0)
+    models = [(f"source MHA {heads}/{heads}", source)]
+    for name, kwargs in [(f"GQA {heads}/2", dict(to="gqa", kv_heads=2, method="mean")),
+                         (f"MQA {heads}/1", dict(to="mqa", method="mean")),
                          ("MLA 1/4", dict(to="mla", kv_budget=0.25, calib_data=spec["calib"], calib_samples=16,
-                                          calib_seq_len=256))]:
+                                          calib_seq_len=256, device=device, **refine))]:
         out = work / name.replace(" ", "_").replace("/", "-")
-        child(CONVERT_CHILD, json.dumps(dict(source=spec["source"], output=str(out), **kwargs)))
+        child(CONVERT_CHILD, json.dumps(dict(source=source, output=str(out), **kwargs)))
         models.append((name, str(out)))
     return models
 
 
-def run(contexts, batches, steps, chunk, work: Path) -> dict:
-    results = []
-    for name, path in prepare(work):
-        paths = [("transformers sdpa", "sdpa", "0"), ("kvslim", "sdpa", "1")]
-        if name.startswith("MLA"):
-            paths = [("transformers DeepseekV3 (expanded)", "sdpa", "0"), ("kvslim absorbed", "sdpa", "1")]
-        for label, impl, flag in paths:
-            for batch in batches:
-                r = child(MEASURE_CHILD, path, impl, flag, str(batch), json.dumps(contexts), str(steps), str(chunk))
-                for row in r["rows"]:
-                    row.update(model=name, path=label, peak_rss_mib=round(r["peak_rss_mib"]))
-                    results.append(row)
-                    print(f"{name:15s} {label:36s} b{batch} ctx {row['context']:5d}  KV {row['kv_bytes_allocated'] / 2**20:8.1f} MiB "
-                          f"(theory {row['kv_bytes_theoretical'] / 2**20:8.1f})  prefill {row['prefill_tok_s']:8.0f} tok/s  "
-                          f"decode {row['decode_tok_s']:7.1f} tok/s", flush=True)
+def run(contexts, batches, steps, chunk, work: Path, device: str, dtype: str, flex: bool, model: str,
+        save=lambda result: None) -> dict:
     import torch
 
-    return {"machine": machine(), "steps": steps, "prefill_chunk": chunk, "threads": torch.get_num_threads(),
-            "rows": results}
+    result = {"machine": machine(), "steps": steps, "prefill_chunk": chunk, "threads": torch.get_num_threads(),
+              "device": device, "dtype": dtype, "model": model, "rows": []}
+    jobs, flex_jobs = [], []
+    for name, path in prepare(work, device, model):
+        paths = [("transformers sdpa", "sdpa", "off"), ("kvslim", "sdpa", "sdpa")]
+        if name.startswith("MLA"):
+            paths = [("transformers DeepseekV3 (expanded)", "sdpa", "off"), ("kvslim absorbed", "sdpa", "sdpa")]
+        elif flex:  # Transformers' FlexAttention behind kvslim's enable; it compiles, so it is measured last
+            flex_jobs += [(name, path, "kvslim flex", "sdpa", "flex", b) for b in batches]
+        jobs += [(name, path, label, impl, mode, b) for label, impl, mode in paths for b in batches]
+    for name, path, label, impl, mode, batch in jobs + flex_jobs:
+        try:
+            r = child(MEASURE_CHILD, path, impl, mode, str(batch), json.dumps(contexts), str(steps), str(chunk),
+                      device, dtype)
+        except RuntimeError as err:  # e.g. out of memory at the longest context: report, go on
+            print(f"{name} {label} b{batch}: failed: {str(err)[-300:]}", flush=True)
+            continue
+        for row in r["rows"]:
+            row.update(model=name, path=label, peak_rss_mib=round(r["peak_rss_mib"]))
+            result["rows"].append(row)
+            print(f"{name:15s} {label:36s} b{batch} ctx {row['context']:5d}  KV {row['kv_bytes_allocated'] / 2**20:8.1f} MiB "
+                  f"(theory {row['kv_bytes_theoretical'] / 2**20:8.1f})  prefill {row['prefill_tok_s']:8.0f} tok/s  "
+                  f"decode {row['decode_tok_s']:7.1f} tok/s", flush=True)
+        save(result)  # after every measurement: a long run stopped part-way keeps what it measured
+    return result
+
+
+MODELS = {"gutenberg": "llama-mha-gutenberg", "synthetic": "a random ~1B Llama (16 layers, 16 heads of 128 dims)"}
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Decode speed and KV cache memory", "",
-             f"{machine_line(m)} Model: llama-mha-gutenberg and its conversions (fp32); "
+             f"{machine_line(m)} Model: {MODELS[result.get('model', 'gutenberg')]} and its conversions "
+             f"({result.get('dtype', 'float32')}, on {result.get('device', 'cpu')}); "
              f"{result['steps']} greedy decode steps after a prefill in chunks of {result['prefill_chunk']}; "
-             f"{result.get('threads', '?')} torch threads per measuring process, one process at a time.", "",
+             f"{result.get('threads', '?')} torch threads per measuring process, one process at a time. "
+             "Peak memory: the measuring process's RSS on CPU, the GPU memory allocated at that context on CUDA.", "",
+             *([result["note"], ""] if result.get("note") else []),
              "| model | path | batch | context | KV MiB allocated | KV MiB theory | prefill tok/s | decode tok/s | "
-             "decode vs transformers | decode vs source | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode vs transformers | decode vs source | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
@@ -106,7 +180,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['path']} | {r['batch']} | {r['context']} | {r['kv_bytes_allocated'] / 2**20:.2f} | "
             f"{r['kv_bytes_theoretical'] / 2**20:.2f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-            f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['decode_tok_s'] / src['decode_tok_s']:.2f}x | {r['peak_rss_mib']} |")
+            f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['decode_tok_s'] / src['decode_tok_s']:.2f}x | {r.get('peak_gpu_mib', r['peak_rss_mib'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,14 +207,21 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--name", default="decode_speed_cpu")
+    parser.add_argument("--name", default=None, help="results name (default decode_speed_<device>[_<model>])")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--model", default="gutenberg", choices=sorted(MODELS))
+    parser.add_argument("--flex", action="store_true", help="also measure kvslim with FlexAttention (CUDA)")
     args = parser.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    name = args.name or "_".join(["decode_speed", args.device.split(":")[0]] + ([args.model] if args.model != "gutenberg" else []))
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found (set KVSLIM_SHARED)")
     with tempfile.TemporaryDirectory(prefix="kvslim-speed-") as tmp:
         result = run([int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
-                     args.steps, args.chunk, Path(tmp))
-    print(save_results(args.name, result, markdown, plot))
+                     args.steps, args.chunk, Path(tmp), args.device, dtype, args.flex, args.model,
+                     save=lambda partial: save_results(name, partial, markdown, plot))
+    print(save_results(name, result, markdown, plot))
 
 
 if __name__ == "__main__":

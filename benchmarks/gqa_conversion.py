@@ -77,7 +77,13 @@ print("RESULT" + json.dumps({**r.to_dict(), "kv_bytes_per_token": describe(model
 
 def child(code: str, *args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    # KVSLIM_CHILD_TIMEOUT (seconds): give up on one measurement rather than on the whole benchmark
+    timeout = float(os.environ.get("KVSLIM_CHILD_TIMEOUT", 0)) or None
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"child stopped after {timeout:.0f} s (KVSLIM_CHILD_TIMEOUT)") from err
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])
@@ -93,8 +99,10 @@ def machine() -> dict:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    # the GPU the benchmark can use, where there is one (benchmarks pick it with --device)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": "cpu",
+            "transformers": transformers.__version__, "device": device,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -33,30 +33,42 @@ print("RESULT" + json.dumps({**result, "seconds": round(time.perf_counter() - st
 RECIPES = {"LM loss": "continued_pretraining", "distillation": "distill", "LoRA distillation": "lora_distill"}
 
 
-def gutenberg(work: Path) -> dict:
-    model = SHARED / "models" / "llama-mha-gutenberg"
-    split = json.loads((model / "split.json").read_text())
+def gutenberg_books() -> tuple[list[str], list[str]]:
+    """llama-mha-gutenberg's training and held-out books (its split.json)."""
+    split = json.loads((SHARED / "models" / "llama-mha-gutenberg" / "split.json").read_text())
     books = SHARED / "data" / "text" / "gutenberg"
-    train = [str(books / b) for b in split["train"]]
+    return [str(books / b) for b in split["train"]], [str(books / b) for b in split["heldout"]]
+
+
+def gutenberg(work: Path, text: str) -> dict:
+    model = SHARED / "models" / "llama-mha-gutenberg"
+    train, held = gutenberg_books()
     calib = work / "calib.txt"
     calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
-    return dict(name="llama-mha-gutenberg", source=str(model), train=train, held=[str(books / b) for b in split["heldout"]],
-                held_desc="the held-out books", train_desc="the 99 training books", seq_len=256, micro_batch=16,
+    return dict(name="llama-mha-gutenberg", source=str(model), train=train, held=held,
+                held_desc="the held-out books", train_desc=f"the {len(train)} training books", seq_len=256, micro_batch=16,
                 conversions={"mqa": dict(to="mqa"), "mla": dict(to="mla", kv_budget=0.25)},
                 calib=dict(calib_data=str(calib), calib_samples=128, calib_seq_len=256))
 
 
-def smollm2(work: Path) -> dict:
+def smollm2(work: Path, text: str) -> dict:
     """SmolLM2-135M-Instruct (the GGUF, dequantised once); GQA 3 -> 1 (MQA) and MLA at 1/4, calibrated
-    as in the conversion benchmarks; uptrained on WikiText-2 validation, evaluated on WikiText-2 test."""
+    as in the conversion benchmarks (on WikiText-2 validation); uptrained on WikiText-2 validation and
+    evaluated on WikiText-2 test, or (`--text gutenberg`) uptrained on the Gutenberg training books and
+    evaluated on the held-out books."""
     from gqa_conversion import smollm2_spec
 
     spec = smollm2_spec(work)
     source = work / "source-hf"
     if not (source / "config.json").is_file():
         child(CONVERT_CHILD, json.dumps(dict(source=spec["source"], output=str(source), to="gqa", kv_heads=3)))
-    return dict(name="SmolLM2-135M-Instruct", source=str(source), train=[spec["calib"]], held=spec["eval_files"],
-                held_desc="WikiText-2 test", train_desc="WikiText-2 validation", seq_len=256, micro_batch=8,
+    data = dict(train=[spec["calib"]], held=spec["eval_files"], held_desc="WikiText-2 test",
+                train_desc="WikiText-2 validation")
+    if text == "gutenberg":
+        train, held = gutenberg_books()
+        data = dict(train=train, held=held, held_desc="llama-mha-gutenberg's held-out books",
+                    train_desc=f"its {len(train)} training books")
+    return dict(name="SmolLM2-135M-Instruct", source=str(source), **data, seq_len=256, micro_batch=8,
                 conversions={"mqa": dict(to="gqa", kv_heads=1, calib_samples=64),
                              "mla": dict(to="mla", kv_budget=0.25, calib_samples=32)},
                 calib=dict(calib_data=spec["calib"], calib_seq_len=512))
@@ -75,6 +87,10 @@ def main() -> None:
                         help="also uptrain the source itself with LM loss on the same tokens: what the training text "
                              "alone does to held-out perplexity (domain adaptation), apart from recovery")
     parser.add_argument("--render", action="store_true", help="only redraw the table and plot from the saved JSON")
+    parser.add_argument("--text", default="wikitext", choices=["wikitext", "gutenberg"],
+                        help="smollm2's training/evaluation text (gutenberg always uses its books)")
+    parser.add_argument("--device", default="cpu", help="where conversions run (uptraining uses accelerate's device)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     args = parser.parse_args()
     name = args.name or ("uptrain_recovery" if args.model == "gutenberg" else f"uptrain_recovery_{args.model}")
     if args.render:
@@ -83,11 +99,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-recovery-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        spec = {"gutenberg": gutenberg, "smollm2": smollm2}[args.model](work)
+        spec = {"gutenberg": gutenberg, "smollm2": smollm2}[args.model](work, args.text)
         model = spec["source"]
         base = dict(teacher=model, data=spec["train"], eval_data=spec["held"], seq_len=spec["seq_len"],
                     micro_batch=spec["micro_batch"], tokens=args.tokens, eval_every=args.eval_every,
-                    eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False)
+                    eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False,
+                    mixed_precision=args.mixed_precision)
         # the source itself on the same rows (lr 0, no teacher)
         s = child(UPTRAIN_CHILD, "continued_pretraining",
                   json.dumps({**base, "model": model, "teacher": None, "tokens": 1, "lr": 0.0,
@@ -98,7 +115,7 @@ def main() -> None:
         previous = RESULTS / f"{name}.json"
         if previous.is_file():
             old = json.loads(previous.read_text())
-            if old.get("model") == spec["name"]:
+            if old.get("model") == spec["name"] and old.get("held_desc", spec["held_desc"]) == spec["held_desc"]:
                 redone = set(args.conversions.split(",")) | ({"source"} if args.source_reference else set())
                 curves = [c for c in old["curves"] if c["conversion"] not in redone]
 
@@ -118,7 +135,7 @@ def main() -> None:
         for conversion in [c for c in args.conversions.split(",") if c]:
             out = work / conversion
             if not (out / "config.json").is_file():
-                child(CONVERT_CHILD, json.dumps(dict(source=model, output=str(out),
+                child(CONVERT_CHILD, json.dumps(dict(source=model, output=str(out), device=args.device,
                                                      **{**spec["calib"], **spec["conversions"][conversion]})))
             for label, recipe in RECIPES.items():
                 settings = {**base, "model": str(out), "output": str(Path(tmp) / f"{conversion}-{recipe}")}
@@ -128,6 +145,7 @@ def main() -> None:
 def save(name: str, spec: dict, args, source_eval: float, curves: list[dict]) -> None:
     """Write JSON, then Markdown and the plot, for every curve so far (called after each run)."""
     result = {"machine": machine(), "model": spec["name"], "tokens": args.tokens, "seq_len": spec["seq_len"],
+              "mixed_precision": args.mixed_precision,
               "micro_batch": spec["micro_batch"], "eval_rows": args.eval_rows, "held_desc": spec["held_desc"],
               "train_desc": spec["train_desc"], "source_eval_ppl": source_eval, "curves": curves}
     RESULTS.mkdir(parents=True, exist_ok=True)
