@@ -169,8 +169,8 @@ def render(name: str, result: dict) -> None:
              f"{machine_line(result['machine'])} Held-out perplexity on {result['eval_rows']} packed "
              f"{result['seq_len']}-token rows of {result['held_desc']}; source model: {source_eval:.2f} "
              f"(10% band: {1.1 * source_eval:.2f}). Training text: {result['train_desc']} (disjoint from the "
-             f"evaluation text); {result['micro_batch']} rows of {result['seq_len']} tokens per step; recipe "
-             "defaults otherwise. A `source` row, where present, is the unconverted source uptrained the same way "
+             f"evaluation text); {result['micro_batch']} rows of {result['seq_len']} tokens per step; "
+             f"{result.get('mixed_precision', 'no').replace('no', 'fp32')} training; recipe defaults otherwise. A `source` row, where present, is the unconverted source uptrained the same way "
              "(LM loss): what the training text alone does to held-out perplexity. The last column compares the "
              "last point with that row at the same token count.", "",
              "| conversion | method | tokens -> held-out perplexity | first point within 10% of source | run s "
