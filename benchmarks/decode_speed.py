@@ -91,12 +91,12 @@ print("RESULT" + json.dumps({"rows": rows, "peak_rss_mib": resource.getrusage(re
 
 
 def synthetic_source(work: Path, spec: dict) -> str:
-    """A randomly initialised Llama of about 1B parameters (MHA, 16 heads of 128 dims, 16 layers) with
+    """A randomly initialised Llama of about 0.85B parameters (MHA, 16 heads of 128 dims, 16 layers) with
     the Gutenberg tokenizer: for speed and memory only, where a 6.8M model would measure kernel
     launches rather than attention."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = work / "synthetic-llama-1b"
+    path = work / "synthetic-llama"
     tok = AutoTokenizer.from_pretrained(spec["source"])
     config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                          num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=65536,
@@ -157,7 +157,7 @@ def run(contexts, batches, steps, chunk, work: Path, device: str, dtype: str, fl
     return result
 
 
-MODELS = {"gutenberg": "llama-mha-gutenberg", "synthetic": "a random ~1B Llama (16 layers, 16 heads of 128 dims)"}
+MODELS = {"gutenberg": "llama-mha-gutenberg", "synthetic": "a random ~0.85B Llama (16 layers, 16 heads of 128 dims)"}
 
 
 def markdown(result: dict) -> str:
