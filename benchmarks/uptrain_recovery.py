@@ -8,6 +8,7 @@ packed rows (each document starting with BOS).
 * smollm2: SmolLM2-135M-Instruct (GQA 9/3) -> GQA 3 -> 1 and MLA at 1/4; WikiText-2 validation vs test.
 
     python benchmarks/uptrain_recovery.py [--model gutenberg|smollm2] [--tokens 1M] [--conversions mqa,mla]
+    python benchmarks/uptrain_recovery.py --model smollm2 --conversions mla --recipes lora_distill   # add one curve
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def main() -> None:
                         help="smollm2's training/evaluation text (gutenberg always uses its books)")
     parser.add_argument("--device", default="cpu", help="where conversions run (uptraining uses accelerate's device)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--recipes", default=",".join(RECIPES.values()),
+                        help="which recipes to run (the saved curves of the others are kept)")
     args = parser.parse_args()
+    recipes = args.recipes.split(",")
+    if unknown := set(recipes) - set(RECIPES.values()):
+        parser.error(f"unknown recipe(s) {', '.join(sorted(unknown))}; valid: {', '.join(RECIPES.values())}")
     name = args.name or ("uptrain_recovery" if args.model == "gutenberg" else f"uptrain_recovery_{args.model}")
     if args.render:
         render(name, json.loads((RESULTS / f"{name}.json").read_text()))
@@ -116,8 +122,10 @@ def main() -> None:
         if previous.is_file():
             old = json.loads(previous.read_text())
             if old.get("model") == spec["name"] and old.get("held_desc", spec["held_desc"]) == spec["held_desc"]:
-                redone = set(args.conversions.split(",")) | ({"source"} if args.source_reference else set())
-                curves = [c for c in old["curves"] if c["conversion"] not in redone]
+                redone = {(c, r) for c in args.conversions.split(",") for r in recipes}
+                if args.source_reference:
+                    redone.add(("source", "continued_pretraining"))
+                curves = [c for c in old["curves"] if (c["conversion"], c["recipe"]) not in redone]
 
         def record(conversion: str, label: str, recipe: str, result: dict) -> None:
             # the first evaluation is the student before training (step 0), on the same rows
@@ -137,7 +145,7 @@ def main() -> None:
             if not (out / "config.json").is_file():
                 child(CONVERT_CHILD, json.dumps(dict(source=model, output=str(out), device=args.device,
                                                      **{**spec["calib"], **spec["conversions"][conversion]})))
-            for label, recipe in RECIPES.items():
+            for label, recipe in [(label, recipe) for label, recipe in RECIPES.items() if recipe in recipes]:
                 settings = {**base, "model": str(out), "output": str(Path(tmp) / f"{conversion}-{recipe}")}
                 record(conversion, label, recipe, child(UPTRAIN_CHILD, recipe, json.dumps(settings)))
 
