@@ -51,13 +51,17 @@ def fill(ids, cache):
     return out
 
 
+def greedy(nxt, cache, n):
+    for _ in range(n):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return nxt
+
+
 rows = []
 with torch.inference_mode():
     # warm-up (kernel selection, allocator, compilation where a backend compiles) outside the timings
     cache = DynamicCache(config=model.config)
-    nxt = fill(torch.randint(3, vocab, (batch, min(contexts))).to(device), cache).logits[:, -1:].argmax(-1)
-    for _ in range(2):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    greedy(fill(torch.randint(3, vocab, (batch, min(contexts))).to(device), cache).logits[:, -1:].argmax(-1), cache, 2)
     del cache
     for ctx in contexts:
         ids = torch.randint(3, vocab, (batch, ctx)).to(device)
@@ -75,8 +79,7 @@ with torch.inference_mode():
         del out
         sync()
         t = time.perf_counter()
-        for _ in range(steps):
-            nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        greedy(nxt, cache, steps)
         sync()
         decode = time.perf_counter() - t
         row = {"context": ctx, "batch": batch, "kv_bytes_allocated": allocated,

@@ -30,15 +30,20 @@ TEXT = SHARED / "data" / "text"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def gutenberg_spec(work: Path) -> dict:
-    model = SHARED / "models" / "llama-mha-gutenberg"
-    split = json.loads((model / "split.json").read_text())
+def gutenberg_books() -> tuple[list[str], list[str]]:
+    """llama-mha-gutenberg's training and held-out books (its split.json)."""
+    split = json.loads((SHARED / "models" / "llama-mha-gutenberg" / "split.json").read_text())
     books = TEXT / "gutenberg"
+    return [str(books / b) for b in split["train"]], [str(books / b) for b in split["heldout"]]
+
+
+def gutenberg_spec(work: Path) -> dict:
+    train, held = gutenberg_books()
     calib = work / "gutenberg_calib.txt"
     # 20 training books, 200K characters each: disjoint from the held-out books used for evaluation
-    calib.write_text("\n\n".join((books / b).read_text(encoding="utf-8")[:200_000] for b in split["train"][:20]))
-    return dict(name="llama-mha-gutenberg", source=str(model), targets=[4, 2, 1],
-                eval_files=[str(books / b) for b in split["heldout"]], window=256,
+    calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
+    return dict(name="llama-mha-gutenberg", source=str(SHARED / "models" / "llama-mha-gutenberg"), targets=[4, 2, 1],
+                eval_files=held, window=256,
                 calib=str(calib), calib_seq_len=256, calib_samples=128, eval_desc="held-out books")
 
 

@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import CONVERT_CHILD, RESULTS, SHARED, child, figure, machine, machine_line  # noqa: E402
+from gqa_conversion import (CONVERT_CHILD, RESULTS, child, figure, gutenberg_books, gutenberg_spec, machine,  # noqa: E402
+                            machine_line, smollm2_spec)
 
 UPTRAIN_CHILD = r"""
 import json, sys, time
@@ -34,22 +35,13 @@ print("RESULT" + json.dumps({**result, "seconds": round(time.perf_counter() - st
 RECIPES = {"LM loss": "continued_pretraining", "distillation": "distill", "LoRA distillation": "lora_distill"}
 
 
-def gutenberg_books() -> tuple[list[str], list[str]]:
-    """llama-mha-gutenberg's training and held-out books (its split.json)."""
-    split = json.loads((SHARED / "models" / "llama-mha-gutenberg" / "split.json").read_text())
-    books = SHARED / "data" / "text" / "gutenberg"
-    return [str(books / b) for b in split["train"]], [str(books / b) for b in split["heldout"]]
-
-
 def gutenberg(work: Path, text: str) -> dict:
-    model = SHARED / "models" / "llama-mha-gutenberg"
-    train, held = gutenberg_books()
-    calib = work / "calib.txt"
-    calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
-    return dict(name="llama-mha-gutenberg", source=str(model), train=train, held=held,
+    spec = gutenberg_spec(work)
+    train, _ = gutenberg_books()
+    return dict(name=spec["name"], source=spec["source"], train=train, held=spec["eval_files"],
                 held_desc="the held-out books", train_desc=f"the {len(train)} training books", seq_len=256, micro_batch=16,
                 conversions={"mqa": dict(to="mqa"), "mla": dict(to="mla", kv_budget=0.25)},
-                calib=dict(calib_data=str(calib), calib_samples=128, calib_seq_len=256))
+                calib=dict(calib_data=spec["calib"], calib_samples=128, calib_seq_len=256))
 
 
 def smollm2(work: Path, text: str) -> dict:
@@ -57,8 +49,6 @@ def smollm2(work: Path, text: str) -> dict:
     as in the conversion benchmarks (on WikiText-2 validation); uptrained on WikiText-2 validation and
     evaluated on WikiText-2 test, or (`--text gutenberg`) uptrained on the Gutenberg training books and
     evaluated on the held-out books."""
-    from gqa_conversion import smollm2_spec
-
     spec = smollm2_spec(work)
     source = work / "source-hf"
     if not (source / "config.json").is_file():
@@ -116,13 +106,14 @@ def main() -> None:
                   json.dumps({**base, "model": model, "teacher": None, "tokens": 1, "lr": 0.0,
                               "output": str(Path(tmp) / "source-0")}))
         source_eval = s["evaluations"][-1]["eval_ppl"]
-        # earlier runs of other conversions of the same model are kept beside this run's
+        conversions = [c for c in args.conversions.split(",") if c]
+        # earlier runs of other conversions or recipes of the same model are kept beside this run's
         curves = []
         previous = RESULTS / f"{name}.json"
         if previous.is_file():
             old = json.loads(previous.read_text())
             if old.get("model") == spec["name"] and old.get("held_desc", spec["held_desc"]) == spec["held_desc"]:
-                redone = {(c, r) for c in args.conversions.split(",") for r in recipes}
+                redone = {(c, r) for c in conversions for r in recipes}
                 if args.source_reference:
                     redone.add(("source", "continued_pretraining"))
                 curves = [c for c in old["curves"] if (c["conversion"], c["recipe"]) not in redone]
@@ -140,12 +131,14 @@ def main() -> None:
             record("source", "LM loss (reference)", "continued_pretraining",
                    child(UPTRAIN_CHILD, "continued_pretraining",
                          json.dumps({**base, "model": model, "teacher": None, "output": str(Path(tmp) / "source-lm")})))
-        for conversion in [c for c in args.conversions.split(",") if c]:
+        for conversion in conversions:
             out = work / conversion
             if not (out / "config.json").is_file():
                 child(CONVERT_CHILD, json.dumps(dict(source=model, output=str(out), device=args.device,
                                                      **{**spec["calib"], **spec["conversions"][conversion]})))
-            for label, recipe in [(label, recipe) for label, recipe in RECIPES.items() if recipe in recipes]:
+            for label, recipe in RECIPES.items():
+                if recipe not in recipes:
+                    continue
                 settings = {**base, "model": str(out), "output": str(Path(tmp) / f"{conversion}-{recipe}")}
                 record(conversion, label, recipe, child(UPTRAIN_CHILD, recipe, json.dumps(settings)))
 
@@ -165,6 +158,8 @@ def render(name: str, result: dict) -> None:
     """Markdown table and recovery plot from a results JSON."""
     source_eval, curves = result["source_eval_ppl"], result["curves"]
     reference = next((c for c in curves if c["conversion"] == "source"), None)
+    mixed_precision = result.get("mixed_precision", "no")
+    precision = "fp32" if mixed_precision == "no" else mixed_precision
 
     def vs_reference(point: dict) -> str:
         # the source uptrained on the same number of tokens (its nearest evaluation)
@@ -177,9 +172,9 @@ def render(name: str, result: dict) -> None:
              f"{machine_line(result['machine'])} Held-out perplexity on {result['eval_rows']} packed "
              f"{result['seq_len']}-token rows of {result['held_desc']}; source model: {source_eval:.2f} "
              f"(10% band: {1.1 * source_eval:.2f}). Training text: {result['train_desc']} (disjoint from the "
-             f"evaluation text); {result['micro_batch']} rows of {result['seq_len']} tokens per step; "
-             f"{result.get('mixed_precision', 'no').replace('no', 'fp32')} training; recipe defaults otherwise. A `source` row, where present, is the unconverted source uptrained the same way "
-             "(LM loss): what the training text alone does to held-out perplexity. The last column compares the "
+             f"evaluation text); {result['micro_batch']} rows of {result['seq_len']} tokens per step; {precision} "
+             "training; recipe defaults otherwise. A `source` row, where present, is the unconverted source "
+             "uptrained the same way (LM loss): what the training text alone does to held-out perplexity. The last column compares the "
              "last point with that row at the same token count.", "",
              "| conversion | method | tokens -> held-out perplexity | first point within 10% of source | run s "
              "| last vs source uptrained the same way |",
