@@ -169,22 +169,29 @@ def meta_model(config, kind: str = "causal") -> nn.Module:
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     with init_empty_weights(include_buffers=False):
         try:
-            return auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+            model = auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         except ValueError:  # classes without SDPA support (Gemma 2: soft-capping)
-            return auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
+            model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # from_config builds a model in training mode: dropout (BERT, GPT-2, OPT: 0.1) would add noise
+    # to every calibration statistic and refinement target
+    return model.eval()
+
+
+BATCH_TOKENS = 4096
 
 
 class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
-    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int = 8,
+    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int | None = None,
                  device: str = "cpu", adapter=None):
         from .adapters import AttentionAdapter
 
         adapter = adapter or AttentionAdapter("llama", ())
         self.source = source
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        # about BATCH_TOKENS tokens per forward whatever the window length (8 windows of 512)
+        self.batch_size = batch_size or max(1, BATCH_TOKENS // input_ids.shape[1])
         self.model = meta_model(source.config, adapter.model_kind)
         self.model_kind = adapter.model_kind
         self._converted_weights: dict[str, torch.Tensor] | None = None

@@ -61,6 +61,11 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ConversionError(f"Unknown dtype '{name}'; valid: auto, {', '.join(_DTYPES)}.") from None
 
 
+# tokens per refinement step whatever the window length (4 windows of 512): short windows would
+# otherwise give noisy steps (4 windows of 32 tokens) and a refinement that does not generalise
+REFINE_TOKENS = 2048
+
+
 def default_refine_steps(to: str, method: str, adapter: AttentionAdapter, config) -> int:
     """Layer-local refinement steps when not given (measured, see benchmarks/results):
     MLA with a shared RoPE key is a harder approximation and needs more fitting (300); MLA without
@@ -268,9 +273,10 @@ def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_p
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
     f32 = {k: _cast(v, torch.float32) for k, v in {**(layer_tensors or {}), **converted}.items()}
+    batch = max(1, REFINE_TOKENS // inputs[0].shape[1])
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
-                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr, batch,
                                target_call=target_call, frozen=frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device

@@ -221,6 +221,29 @@ def test_bert_encoder_conversions_are_exact_where_they_should_be(save_model, tmp
                                rtol=0, atol=1e-5)
 
 
+def test_calibration_runs_without_dropout(save_model, text_file):
+    """BERT, GPT-2 and OPT train with dropout 0.1; calibration statistics must not carry its noise."""
+    from transformers import BertConfig, BertModel
+
+    from kvslim.convert.adapters import get_adapter
+    from kvslim.convert.calibration import LayerwiseRunner, calibration_windows
+    from kvslim.convert.sources import open_source
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                        vocab_size=320, max_position_embeddings=128)
+    assert config.hidden_dropout_prob > 0
+    source = open_source(str(save_model(BertModel(config).eval(), "bert-dropout")), None)
+    ids, _ = calibration_windows(source, str(text_file), 8, 32)
+    runners = [LayerwiseRunner(source, ids, adapter=get_adapter("bert")) for _ in range(2)]
+    assert not any(m.training for m in runners[0].model.modules())
+    assert runners[0].batch_size == 4096 // 32  # batches hold about as many tokens whatever the window length
+    for h0, h1 in zip(runners[0].hidden, runners[1].hidden):
+        assert torch.equal(h0, h1)
+    moments = [r.attention_input_moment(1, "attention") for r in runners]
+    assert torch.equal(moments[0], moments[1])
+
+
 # ---- Phi-3 (Transformers' own class expresses GQA: the output stays a plain Phi-3) ---------------
 
 
