@@ -58,7 +58,7 @@ def convert(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
-    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: 100 for aware GQA/MQA, 300 for MLA with RoPE, 0 for MLA without RoPE; 0: closed form only)."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: 300, none for --method mean; 0: closed form only)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
     kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),

@@ -33,7 +33,7 @@ def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
 
 def refine_attention(
     target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
-    steps: int = 200, lr: float = 1e-2, batch: int = 4, progress: bool = False,
+    steps: int = 300, lr: float = 3e-2, batch: int = 4, progress: bool = False,
     target_call: dict | None = None, frozen: tuple[str, ...] = (),
 ) -> float:
     """Adam on the relative output error of `target` (trainable) against `source` (frozen).
