@@ -94,8 +94,8 @@ RUNS = [(t, label, {**tkw, **vkw})
         for t, tkw in (("12 -> 4", dict(to="gqa", kv_heads=4)), ("12 -> 2", dict(to="gqa", kv_heads=2)),
                        ("MQA 12 -> 1", dict(to="mqa")))
         for label, vkw in GQA_VARIANTS]
-RUNS.insert(3, ("12 -> 4", "aware + refine, 128 x 128-token calibration",
-                 dict(to="gqa", kv_heads=4, method="aware", calib_samples=128, calib_seq_len=128)))
+RUNS.insert(len(GQA_VARIANTS), ("12 -> 4", "aware + refine, 128 x 128-token calibration",  # after the 12 -> 4 rows
+                                dict(to="gqa", kv_heads=4, method="aware", calib_samples=128, calib_seq_len=128)))
 RUNS += [("MLA 1/4", label, dict(to="mla", kv_budget=0.25, **vkw)) for label, vkw in MLA_VARIANTS]
 
 

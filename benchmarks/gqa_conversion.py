@@ -222,13 +222,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    import inspect
-
-    from kvslim.convert import convert
+    from kvslim.convert.refine import REFINE_LR, REFINE_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gutenberg,smollm2")
-    parser.add_argument("--refine-steps", type=int, default=300, help="steps of the default row (the shipped default)")
+    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of the default row (the shipped default)")
     parser.add_argument("--name", default="gqa_conversion")
     args = parser.parse_args()
     methods = [("mean", dict(method="mean")),
@@ -237,7 +235,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-bench-") as tmp:
         result = run(args.models.split(","), methods, Path(tmp))
     result["refine_steps"] = args.refine_steps
-    result["refine_lr"] = inspect.signature(convert).parameters["refine_lr"].default  # the shipped default
+    result["refine_lr"] = REFINE_LR
     print(save_results(args.name, result, markdown, plot))
 
 

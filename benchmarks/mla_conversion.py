@@ -126,10 +126,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from kvslim.convert.refine import REFINE_STEPS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gutenberg,smollm2")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
-    parser.add_argument("--refine-steps", type=int, default=300, help="steps of the default row (the shipped MLA default)")
+    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of the default row (the shipped default)")
     parser.add_argument("--name", default="mla_conversion")
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     parser.add_argument("--skip-default", action="store_true", help="only the closed-form variants")

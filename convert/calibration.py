@@ -183,15 +183,14 @@ BATCH_TOKENS = 4096
 class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
-    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, batch_size: int | None = None,
-                 device: str = "cpu", adapter=None):
+    def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, device: str = "cpu", adapter=None):
         from .adapters import AttentionAdapter
 
         adapter = adapter or AttentionAdapter("llama", ())
         self.source = source
         self.device = torch.device(device)
         # about BATCH_TOKENS tokens per forward whatever the window length (8 windows of 512)
-        self.batch_size = batch_size or max(1, BATCH_TOKENS // input_ids.shape[1])
+        self.batch_size = max(1, BATCH_TOKENS // input_ids.shape[1])
         self.model = meta_model(source.config, adapter.model_kind)
         self.model_kind = adapter.model_kind
         self._converted_weights: dict[str, torch.Tensor] | None = None

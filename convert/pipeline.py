@@ -14,6 +14,7 @@ from .adapters import AttentionAdapter, get_adapter
 from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
 from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
+from .refine import REFINE_LR, REFINE_STEPS, refine_attention
 from .sources import CheckpointSource, open_source
 from .writer import AtomicDirectory, ShardedWriter
 
@@ -61,11 +62,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ConversionError(f"Unknown dtype '{name}'; valid: auto, {', '.join(_DTYPES)}.") from None
 
 
-# tokens per refinement step whatever the window length (4 windows of 512): short windows would
-# otherwise give noisy steps (4 windows of 32 tokens) and a refinement that does not generalise
-REFINE_TOKENS = 2048
-
-
 def default_refine_steps(to: str, method: str) -> int:
     """Layer-local refinement steps when not given (measured, see benchmarks/results): every
     calibrated conversion refines 300 steps at lr 3e-2. Against 100 steps at 1e-2, llama-mha-gutenberg
@@ -73,7 +69,7 @@ def default_refine_steps(to: str, method: str) -> int:
     steps, 0.949 at lr 1e-2, 0.955; MLA at 1/4 without RoPE (all-MiniLM-L6-v2): 0.990 closed form,
     0.992 refined. About twice the conversion time of 100 steps. Mean-pooling is the paper's baseline
     and is left as is."""
-    return 0 if to != "mla" and method == "mean" else 300
+    return 0 if to != "mla" and method == "mean" else REFINE_STEPS
 
 
 def resolve_kv_heads(to: str, kv_heads: int | None, num_heads: int) -> int:
@@ -120,7 +116,7 @@ def convert(
     device: str = "cpu",
     max_shard_bytes: int = 2 * 1024**3,
     refine_steps: int | None = None,
-    refine_lr: float = 3e-2,
+    refine_lr: float = REFINE_LR,
     kv_rank: int | None = None,
     rope_dim: int | None = None,
     kv_budget: float | None = None,
@@ -267,15 +263,12 @@ def _convert_to_mla(src, adapter, layout, out, source, out_dtype, started, max_s
 def _refine(runner, adapter, index, target_layer, converted, steps, lr, target_position_embeddings=None,
             frozen: tuple[str, ...] = (), layer_tensors: dict | None = None):
     """`layer_tensors`: other tensors of the target layer whose names the source lacks (renamed MLP)."""
-    from .refine import refine_attention
-
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if target_position_embeddings is None else {**call, "position_embeddings": target_position_embeddings}
     f32 = {k: _cast(v, torch.float32) for k, v in {**(layer_tensors or {}), **converted}.items()}
-    batch = max(1, REFINE_TOKENS // inputs[0].shape[1])
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
         err = refine_attention(target.get_submodule(adapter.attention_module),
-                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr, batch,
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
                                target_call=target_call, frozen=frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device

@@ -31,9 +31,17 @@ def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
     return {k: pick(v) for k, v in call.items()}
 
 
+# The shipped defaults (measured, see convert.pipeline.default_refine_steps).
+REFINE_STEPS = 300
+REFINE_LR = 3e-2
+# Tokens per step whatever the window length (4 windows of 512): short windows would otherwise give
+# noisy steps (4 windows of 32 tokens) and a refinement that does not generalise.
+REFINE_TOKENS = 2048
+
+
 def refine_attention(
     target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
-    steps: int = 300, lr: float = 3e-2, batch: int = 4, progress: bool = False,
+    steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
     target_call: dict | None = None, frozen: tuple[str, ...] = (),
 ) -> float:
     """Adam on the relative output error of `target` (trainable) against `source` (frozen).
@@ -59,7 +67,7 @@ def refine_attention(
     gen = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
         b = int(torch.randint(len(inputs), (), generator=gen))
-        rows = torch.randperm(inputs[b].shape[0], generator=gen)[:batch]
+        rows = torch.randperm(inputs[b].shape[0], generator=gen)[:max(1, batch_tokens // inputs[b].shape[1])]
         sub = _rows(tcall, rows, inputs[b].shape[0])
         loss = (_attention_out(target, inputs[b][rows], sub) - wanted[b][rows]).pow(2).mean() / scale
         opt.zero_grad(set_to_none=True)
