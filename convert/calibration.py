@@ -15,6 +15,7 @@ import inspect
 from pathlib import Path
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from .errors import ConversionError
 from .sources import CheckpointSource
@@ -278,9 +279,7 @@ class LayerwiseRunner:
             layer.to("meta")
 
     def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor, call: dict | None = None) -> torch.Tensor:
-        kwargs = dict(self.layer_kwargs[index] if call is None else call)
-        kwargs.pop("past_key_values", None)
-        out = layer(hidden, **kwargs)
+        out = layer(hidden, **_without_cache(self.layer_kwargs[index] if call is None else call))
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -327,9 +326,7 @@ class LayerwiseRunner:
             call.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
 
         self._each_attention_input(index, attention_module, visit)
-        call.pop("past_key_values", None)
-        call.pop("past_key_value", None)
-        return inputs, call
+        return inputs, _without_cache(call)
 
     @torch.no_grad()
     def advance(self, index: int, layer: nn.Module, overrides: dict[str, torch.Tensor],
@@ -338,3 +335,9 @@ class LayerwiseRunner:
         `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
         with self.loaded_layer(index, layer, overrides) as loaded:
             self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """A layer's captured arguments without its KV cache, found by type: the argument's name has
+    changed across Transformers releases (`past_key_value`, `past_key_values`, `cache`)."""
+    return {k: v for k, v in kwargs.items() if not isinstance(v, Cache)}

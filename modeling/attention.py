@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hosted.kvslim_attention import latent_attention
+from .hosted.kvslim_attention import latent_attention, takes_cache
 
 IMPLEMENTATION = "kvslim_sdpa"
 _ORIGINALS = "_kvslim_originals"
@@ -48,8 +48,10 @@ def kvslim_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
     mask = None if attention_mask is None else attention_mask[:, :, :, :k_len]
     if mask is None and causal and (q_len != k_len or groups > 1 and q_len * groups <= PACK_MAX_ROWS):
-        # queries sit at the end of the keys (a chunk after a cache, or packed heads)
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+        # Transformers leaves the mask out where SDPA's own is_causal is right: query i sees keys
+        # 0..i (top-left aligned). With a static cache the keys run on past the queries into
+        # unfilled slots, which this keeps out; packed heads need the mask spelled out.
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()[None, None]
     if groups > 1 and q_len * groups <= PACK_MAX_ROWS:
         packed = query.reshape(b, kv_heads, groups * q_len, query.shape[-1])  # heads are grouped by KV head
         if mask is not None:
@@ -115,7 +117,8 @@ class AbsorbedMLAAttention(nn.Module):
             setattr(self, name, getattr(base, name))
         self.mode, self.absorb_max_queries = mode, absorb_max_queries
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         b, q_len = hidden_states.shape[:-1]
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
@@ -128,8 +131,8 @@ class AbsorbedMLAAttention(nn.Module):
         k_rot = k_rot.view(b, 1, q_len, self.qk_rope_head_dim)
         cos, sin = position_embeddings
         q_rot, k_rot = _rope(self, q_rot, k_rot, cos, sin)
-        if past_key_values is not None:  # the cache holds only the latent and the RoPE key
-            latent, k_rot = past_key_values.update(latent, k_rot, self.layer_idx)
+        if cache is not None:  # the cache holds only the latent and the RoPE key
+            latent, k_rot = cache.update(latent, k_rot, self.layer_idx)
 
         absorbed = self.mode == "absorbed" or (self.mode == "auto" and q_len <= self.absorb_max_queries)
         dropout = self.attention_dropout if self.training else 0.0

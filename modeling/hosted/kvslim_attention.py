@@ -24,10 +24,32 @@ Self-contained (torch and transformers only) and copied next to every hosted che
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# Every name a Transformers decoder layer has used to hand its attention module the KV cache:
+# `cache` since 5.24, `past_key_values` before (a deprecated alias until 5.40), `past_key_value` in
+# late 4.x, `layer_past` in GPT-NeoX's layers. Checkpoints carry this file and are loaded under
+# whatever version a user has, so the attention modules accept all of them.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def takes_cache(forward):
+    """Decorate an attention `forward(self, hidden_states, ..., cache=None, **kwargs)` so that it
+    receives the cache as `cache` under any name in CACHE_ARGUMENT_NAMES (one compatibility point
+    instead of a renamed argument in every module)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        given = [kwargs.pop(name) for name in CACHE_ARGUMENT_NAMES if name in kwargs]
+        cache = next((c for c in given if c is not None), None)
+        return forward(self, *args, cache=cache, **kwargs)
+
+    return wrapper
 
 
 def set_key_value_heads(config, num_key_value_heads: int | None) -> None:
@@ -62,8 +84,8 @@ def latent_attention(q_latent, latent, q_rope=None, k_rope=None, *, scaling: flo
 
     q_latent (B, H, Q, r) against latent (B, K, r), plus q_rope (B, H, Q, p) against the shared
     RoPE key k_rope (B, K, p); key_scale (B, H, K) multiplies the scores (q/k-norm sources).
-    Without a mask, causal attention puts the queries at the end of the keys (mask functions may
-    return None and leave causality to the kernel).
+    Without a mask, causality is SDPA's is_causal (query i sees keys 0..i), which is what
+    Transformers' mask functions mean when they return None.
     Returns the latent context softmax(scores) . c, (B, H, Q, r). Every head's queries are rows of
     one matmul against the cache, read in place: nothing is repeated or concatenated per step.
     """
@@ -79,8 +101,8 @@ def latent_attention(q_latent, latent, q_rope=None, k_rope=None, *, scaling: flo
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     mask = None if attention_mask is None else attention_mask[..., :k_len]
-    if mask is None and is_causal and q_len > 1:
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if mask is None and is_causal and q_len > 1:  # SDPA's is_causal: query i sees keys 0..i
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     probs = F.dropout(scores.softmax(-1).to(latent.dtype), p=dropout, training=training)
@@ -116,11 +138,11 @@ class LatentKV(nn.Module):
         return out
 
 
-def cache_latent(past_key_values, latent: torch.Tensor, layer_idx: int) -> torch.Tensor:
+def cache_latent(cache, latent: torch.Tensor, layer_idx: int) -> torch.Tensor:
     """Append this step's latent to the cache (stored as keys; values hold nothing) and return all."""
-    if past_key_values is None:
+    if cache is None:
         return latent
-    latent, _ = past_key_values.update(latent, latent[..., :0], layer_idx)
+    latent, _ = cache.update(latent, latent[..., :0], layer_idx)
     return latent
 
 
@@ -178,11 +200,10 @@ class LatentRopeAttention(nn.Module):
     def _rms_scale(self, x: torch.Tensor) -> torch.Tensor:
         return torch.rsqrt(x.float().pow(2).mean(-1) + self.norm_eps)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                layer_past=None, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         b, t, _ = hidden_states.shape
         nh, hd = self.num_heads, self.head_dim
-        cache = past_key_values if past_key_values is not None else layer_past
         cos, sin = position_embeddings
         cos, sin = cos[..., self.rope_re], sin[..., self.rope_re]  # (B or 1, T, P)
 

@@ -17,7 +17,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
 
 
 class KvslimBertConfig(BertConfig):
@@ -55,20 +55,21 @@ class KvslimBertSelfAttention(BertSelfAttention):
         self.key = nn.Linear(config.hidden_size, kv)
         self.value = nn.Linear(config.hidden_size, kv)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query = self.query(hidden_states).view(shape).transpose(1, 2)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
         dropout = self.dropout.p if self.training else 0.0
         if self.config.kv_lora_rank:
-            latent = cache_latent(past_key_values, self.latent.latent(hidden_states), self.layer_idx)
-            absorb = past_key_values is not None and query.shape[2] == 1 and not self.training
+            latent = cache_latent(cache, self.latent.latent(hidden_states), self.layer_idx)
+            absorb = cache is not None and query.shape[2] == 1 and not self.training
             out = self.latent.attend(self, query, latent, attention_mask, self.scaling, dropout, attention, absorb)
             return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), None
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        if past_key_values is not None:
-            cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+        if cache is not None:
+            cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = cache.update(key, value, self.layer_idx)
         out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights

@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
 
 
 class KvslimGPT2Config(GPT2Config):
@@ -50,11 +50,12 @@ class KvslimGPT2Attention(GPT2Attention):
         self.split_size = [self.embed_dim, kv, kv]
         self.c_attn = Conv1D(self.embed_dim + 2 * kv, self.embed_dim)
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         kwargs.pop("encoder_hidden_states", None)
         kwargs.pop("encoder_attention_mask", None)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+        cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_gqa_attention)
         dropout = self.attn_dropout.p if self.training else 0.0
         if self.config.kv_lora_rank:

@@ -21,7 +21,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention, apply_rotary_pos_emb
 
-from .kvslim_attention import eager_gqa_attention, set_key_value_heads, use_latent_rope_attention
+from .kvslim_attention import eager_gqa_attention, set_key_value_heads, takes_cache, use_latent_rope_attention
 
 # GPT-NeoX's own eager attention takes the softmax in float32
 eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
@@ -49,14 +49,15 @@ class KvslimGPTNeoXAttention(GPTNeoXAttention):
         self.split_size = [q, kv, kv]
         self.query_key_value = nn.Linear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
 
-    def forward(self, hidden_states, attention_mask=None, layer_past=None, position_embeddings=None, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_size)
         query, key, value = (t.view(shape).transpose(1, 2)
                              for t in self.query_key_value(hidden_states).split(self.split_size, dim=-1))
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling,
                                  dropout=self.attention_dropout if self.training else 0.0, **kwargs)

@@ -19,7 +19,7 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
 
 # OPT's own eager attention takes the softmax in float32
 eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
@@ -50,20 +50,21 @@ class KvslimOPTAttention(OPTAttention):
         self.k_proj = nn.Linear(self.embed_dim, kv, bias=self.enable_bias)
         self.v_proj = nn.Linear(self.embed_dim, kv, bias=self.enable_bias)
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+    @takes_cache
+    def forward(self, hidden_states, cache=None, attention_mask=None, output_attentions=False, **kwargs):
         bsz, length, _ = hidden_states.shape
         query = (self.q_proj(hidden_states) * self.scaling).view(bsz, length, -1, self.head_dim).transpose(1, 2)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         dropout = self.dropout if self.training else 0.0
         if self.config.kv_lora_rank:
-            latent = cache_latent(past_key_values, self.latent.latent(hidden_states), self.layer_idx)
-            absorb = past_key_values is not None and length == 1 and not self.training
+            latent = cache_latent(cache, self.latent.latent(hidden_states), self.layer_idx)
+            absorb = cache is not None and length == 1 and not self.training
             out = self.latent.attend(self, query, latent, attention_mask, 1.0, dropout, attention, absorb)
             return self.out_proj(out.reshape(bsz, length, -1).contiguous()), None
         key = self.k_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(bsz, length, -1, self.head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=1.0, **kwargs)
         return self.out_proj(out.reshape(bsz, length, -1).contiguous()), weights
 
