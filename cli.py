@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from .compat import check_transformers, missing_symbol_message
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert Hugging Face MHA/GQA checkpoints to GQA/MQA and measure what it cost.")
 
@@ -306,5 +308,23 @@ def demo(
                "load it with AutoModelForCausalLM.from_pretrained.")
 
 
+@app.callback()
+def _checks() -> None:
+    check_transformers()
+
+
+def main() -> None:
+    """The `kvslim` command: the typer app, with a Transformers release that lacks a name kvslim
+    imports reported as such (installed version, supported range), not as a traceback."""
+    try:
+        app()
+    except ImportError as exc:
+        message = missing_symbol_message(exc)
+        if message is None:
+            raise
+        typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

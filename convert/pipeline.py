@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import check_transformers
 from .adapters import AttentionAdapter, get_adapter
 from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
@@ -130,6 +131,7 @@ def convert(
     input, before anything is written. `refine_steps` None: see `default_refine_steps`.
     """
     started = time.perf_counter()
+    check_transformers()
     out = AtomicDirectory(output, overwrite)
     out.check()
     if method not in METHODS:
