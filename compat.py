@@ -16,7 +16,9 @@ import functools
 import importlib.metadata
 import inspect
 import logging
-import re
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 log = logging.getLogger("kvslim")
 
@@ -35,16 +37,15 @@ def supported_transformers() -> str:
         requires = importlib.metadata.requires("kvslim") or []
     except importlib.metadata.PackageNotFoundError:
         return ""
-    for requirement in requires:
-        match = re.match(r"transformers\s*([^;]*)", requirement)
-        if match and ";" not in requirement:
-            return match.group(1).strip().strip("()")
+    for text in requires:
+        requirement = Requirement(text)
+        if requirement.name == "transformers" and requirement.marker is None:
+            # lower bound first, as people write it (metadata may store "<6,>=5.16.1")
+            return ",".join(sorted(map(str, requirement.specifier), key=lambda s: s.startswith("<")))
     return ""
 
 
 def in_supported_range(version: str | None = None) -> bool:
-    from packaging.specifiers import SpecifierSet
-
     spec = supported_transformers()
     version = version or transformers_version()
     return not spec or (version != "not installed" and SpecifierSet(spec).contains(version, prereleases=True))
