@@ -167,8 +167,9 @@ def eval_(
     )
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def uptrain(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="The converted model (directory, .gguf or Hub id)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where the uptrained model is written (atomically)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The unconverted source model, for distillation."),
@@ -177,7 +178,8 @@ def uptrain(
     eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="Held-out text (default: rows held out of --data)."),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="Training token budget, e.g. 2M."),
     overwrite: bool = typer.Option(False, "--overwrite"),
-    settings: Optional[list[str]] = typer.Option(None, "--set", help="Recipe overrides key=value (repeatable)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Recipe overrides: --set lr=1e-4 seq_len=256 (or --set repeated)."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep every checkpoint of a finished run (default: only the last)."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
 ) -> None:
@@ -186,10 +188,13 @@ def uptrain(
     from .convert import ConversionError
     from .recipes.uptrain import UptrainConfig, parse_overrides, run as run_recipe
 
+    extra = [a for a in ctx.args if "=" not in a]
+    if extra:
+        _fail(f"Unexpected argument(s) {' '.join(extra)}; recipe settings are key=value after --set.")
     try:
         overrides = dict(model=model, output=str(output), teacher=teacher, data=list(data),
                          eval_data=list(eval_data) if eval_data else None, tokens=tokens, overwrite=overwrite or None,
-                         **parse_overrides(settings or []))
+                         keep_checkpoints=keep_checkpoints or None, **parse_overrides([*(settings or []), *ctx.args]))
         result = run_recipe(UptrainConfig.load(recipe, overrides))
     except ConversionError as exc:
         _fail(str(exc))

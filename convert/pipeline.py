@@ -132,7 +132,7 @@ def convert(
     """
     started = time.perf_counter()
     check_transformers()
-    out = AtomicDirectory(output, overwrite)
+    out = AtomicDirectory(output, overwrite, marker=RECORD_FILE)
     out.check()
     if method not in METHODS:
         raise ConversionError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")

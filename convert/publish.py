@@ -9,8 +9,10 @@ takes it as an argument, prints it or writes it anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import ConversionError
@@ -191,19 +193,36 @@ def evaluate_for_card(folder: Path, data: list[str], window: int, max_tokens: in
 
 
 def write_card(folder: Path, repo_id: str, eval_data: list[str] | None = None, window: int = 512,
-               max_tokens: int = 8192):
-    """Write README.md (and the recovery plot) into `folder`; a README not written by kvslim is kept."""
+               max_tokens: int = 8192, into: Path | None = None):
+    """Write README.md (and the recovery plot) for `folder` into `into` (default: `folder`); a README
+    not written by kvslim is kept."""
     folder = Path(folder)
+    into = Path(into or folder)
     record, uptrain, _ = read_records(folder)
     existing = folder / CARD_FILE
     if existing.is_file() and CARD_MARK not in existing.read_text(encoding="utf-8", errors="replace"):
         print(f"note: keeping the existing {existing} (not written by kvslim).")
         return None
     evaluation = evaluate_for_card(folder, eval_data, window, max_tokens, record and record["source"]) if eval_data else None
-    plotted = bool(uptrain) and plot_recovery(uptrain, folder / PLOT_FILE)
+    for name in (CARD_FILE, PLOT_FILE):  # a staged link to the folder's own file must not be written through
+        (into / name).unlink(missing_ok=True)
+    plotted = bool(uptrain) and plot_recovery(uptrain, into / PLOT_FILE)
     card = render_card(folder, repo_id, evaluation, plotted)
-    card.save(existing)
+    card.save(into / CARD_FILE)
     return card
+
+
+@contextlib.contextmanager
+def staged(folder: Path):
+    """A temporary directory that mirrors `folder` with links to its files: what is uploaded, with the
+    card added there, so the user's folder is never written."""
+    with tempfile.TemporaryDirectory(prefix="kvslim-push-") as staging:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                link = Path(staging) / path.relative_to(folder)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+        yield Path(staging)
 
 
 def _scrub(text: str) -> str:
@@ -218,6 +237,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
          create_pr: bool = False, eval_data: list[str] | None = None, window: int = 512, max_tokens: int = 8192,
          commit_message: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` with its model card. Returns the commit URL."""
+    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
@@ -234,20 +254,23 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
             raise HFValidationError("it needs a namespace")
     except HFValidationError as exc:
         raise PublishError(f"Invalid --repo-id '{repo_id}': write it as user/name or org/name ({exc}).") from None
-    write_card(folder, repo_id, eval_data, window, max_tokens)
     api = HfApi()
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
-                                 ignore_patterns=IGNORED, commit_message=commit_message or "Upload model converted with kvslim")
+        with staged(folder) as upload:
+            write_card(folder, repo_id, eval_data, window, max_tokens, into=upload)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(upload), revision=revision, create_pr=create_pr,
+                                     ignore_patterns=IGNORED,
+                                     commit_message=commit_message or "Upload model converted with kvslim")
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         hint = {401: " Log in with `hf auth login` or set HF_TOKEN.",
                 403: " The token has no write access to this namespace."}.get(status, "")
         raise PublishError(_scrub(f"Uploading to '{repo_id}' failed (HTTP {status}): {exc}.{hint} Nothing was "
                                   "published by this command unless the Hub shows a new commit.")) from None
-    except OSError as exc:
-        raise PublishError(_scrub(f"Uploading to '{repo_id}' failed: {exc}")) from None
+    except (OSError, httpx.HTTPError) as exc:  # unreachable endpoint, DNS, TLS, timeouts
+        raise PublishError(_scrub(f"Uploading to '{repo_id}' failed: {type(exc).__name__}: {exc}. Check the network "
+                                  "and HF_ENDPOINT; nothing was published and the folder is unchanged.")) from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url

@@ -167,7 +167,8 @@ def report(source: str, converted: str, data: list[str], output: str | Path, win
     from .perplexity import bos_windows, load_causal_lm, tokenize_corpus
     from .summary import describe
 
-    target = AtomicDirectory(output, overwrite=True)
+    target = AtomicDirectory(output, overwrite=True, marker="report.json")  # replaces only an earlier report
+    target.check()
     src_model, src_tok = load_causal_lm(source)
     conv_model, conv_tok = load_causal_lm(converted)
     if src_tok.get_vocab() != conv_tok.get_vocab():

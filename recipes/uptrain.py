@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..convert.errors import ConversionError
+from ..convert.writer import AtomicDirectory
 from .data import DataError, UptrainError, collate, load_documents, packed_rows
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+SUMMARY_FILE = "kvslim_uptrain.json"  # written into every uptrained model: what ran, and its recovery curve
 
 
 @dataclass
@@ -64,7 +67,8 @@ class UptrainConfig:
     report_to: str = "auto"  # also log to: auto (TensorBoard if installed), tensorboard, wandb, all, none
     seed: int = 0
     streaming: bool = False
-    overwrite: bool = False
+    overwrite: bool = False  # start fresh: replaces kvslim's earlier output, checkpoints and log of this path
+    keep_checkpoints: bool = False  # after a finished run keep every checkpoint, not only the last
     progress: bool = True
 
     @classmethod
@@ -86,7 +90,67 @@ class UptrainConfig:
         for key in ("data", "eval_data"):
             if isinstance(values.get(key), str):
                 values[key] = [values[key]]
-        return cls(**values)
+        return cls(**{key: _typed(key, known[key].type, value) for key, value in values.items()})
+
+    def __post_init__(self) -> None:
+        """Refuse values out of range, naming the setting (YAML, --set and the Python API alike)."""
+        at_least_one = ("seq_len", "micro_batch", "grad_accum", "eval_every", "eval_rows", "checkpoint_every",
+                        "log_every", "lora_r")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise UptrainError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.seq_len < 2:
+            raise UptrainError(f"seq_len must be at least 2 (one token and its target), got {self.seq_len}.")
+        if parse_tokens(self.tokens) < 1:
+            raise UptrainError(f"tokens must be a positive budget such as 2M or 500K, got '{self.tokens}'.")
+        if not self.lr > 0:
+            raise UptrainError(f"lr must be positive, got {self.lr}.")
+        for name in ("min_lr_ratio", "warmup", "decay", "lora_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UptrainError(f"{name} must be between 0 and 1, got {getattr(self, name)}.")
+        for name in ("weight_decay", "clip", "lm", "kd", "hidden"):
+            if getattr(self, name) < 0:
+                raise UptrainError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if not self.temperature > 0:
+            raise UptrainError(f"temperature must be positive, got {self.temperature}.")
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise UptrainError(f"{name}='{getattr(self, name)}' is invalid; valid: {', '.join(valid)}.")
+
+
+CHOICES = {"train": ("all", "attention", "lora"), "schedule": ("wsd", "cosine"),
+           "mixed_precision": ("no", "bf16", "fp16")}
+# settings that change what a run computes: a resume must use the checkpoint's
+NOT_TRAINING_SETTINGS = {"overwrite", "progress", "report_to", "keep_checkpoints", "output"}
+
+
+def _typed(name: str, annotation: str, value):
+    """`value` (from YAML or --set, where 1e-4 reads as a string) as the setting's type."""
+    kind = annotation.replace(" ", "").replace("|None", "")
+    if value is None:
+        return value
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return text in ("true", "yes", "on", "1")
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "list[str]":
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        return value if kind != "str" or isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        raise UptrainError(f"Setting {name} must be {'an integer' if kind == 'int' else 'a ' + kind}, "
+                           f"got {value!r}.") from None
 
 
 def parse_tokens(text: str | int) -> int:
@@ -124,10 +188,6 @@ def load_models(cfg: UptrainConfig):
     for name in ("model", "output"):
         if not getattr(cfg, name):
             raise UptrainError(f"'{name}' is required.")
-    if cfg.train not in ("all", "attention", "lora"):
-        raise UptrainError(f"train='{cfg.train}' is invalid; valid: all, attention, lora.")
-    if cfg.schedule not in ("wsd", "cosine"):
-        raise UptrainError(f"schedule='{cfg.schedule}' is invalid; valid: wsd, cosine.")
     student, tokenizer = load_causal_lm(cfg.model)
     limit = getattr(student.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
@@ -242,8 +302,6 @@ def run(cfg: UptrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from ..convert.writer import AtomicDirectory
-
     output = Path(cfg.output)
     trackers = resolve_trackers(cfg.report_to)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
@@ -251,8 +309,11 @@ def run(cfg: UptrainConfig) -> dict:
                               log_with=trackers or None, project_dir=f"{output}.runs")
     set_seed(cfg.seed)
     ckpt_root = Path(f"{output}.checkpoints")
-    if output.exists() and not cfg.overwrite:
-        raise UptrainError(f"Output '{output}' already exists; pass overwrite=true (--overwrite) or another path.")
+    target = AtomicDirectory(output, overwrite=cfg.overwrite, marker=SUMMARY_FILE)
+    try:
+        target.check()  # before any training: an output we may not replace is refused now
+    except ConversionError as exc:
+        raise UptrainError(str(exc)) from None
     student, teacher, tokenizer = load_models(cfg)
     world = accelerator.num_processes
     global_rows = cfg.micro_batch * cfg.grad_accum * world
@@ -272,24 +333,33 @@ def run(cfg: UptrainConfig) -> dict:
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
 
-    step = 0
-    resume = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckpt_root.exists() else []
+    step, history = 0, []
+    log_path = Path(f"{output}.log.jsonl")
+    if cfg.overwrite and accelerator.is_main_process:  # start fresh: forget kvslim's earlier run at this path
+        _remove_run_state(ckpt_root, log_path)
+    accelerator.wait_for_everyone()
+    resume = checkpoints(ckpt_root)
     if resume:
+        state = json.loads((resume[-1] / STATE_FILE).read_text())
+        changed = _changed_settings(state["config"], cfg)
+        if changed:
+            raise UptrainError(
+                f"{resume[-1]} was saved with other settings; resuming would mix two runs. Changed: "
+                + "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
+                + ". Rerun with the checkpoint's settings to resume, or pass --overwrite to start fresh.")
         accelerator.load_state(str(resume[-1]))
-        step = json.loads((resume[-1] / "kvslim_state.json").read_text())["step"]
+        step, history = state["step"], state.get("history", [])
         accelerator.print(f"resuming from {resume[-1]} (step {step})")
     if trackers:  # hyperparameters as flat scalars, which every tracker accepts
         accelerator.init_trackers("kvslim-uptrain", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                             for k, v in asdict(cfg).items()})
-    log_path = Path(f"{output}.log.jsonl")
-    log = open(log_path, "a") if accelerator.is_main_process else None
+    log = _open_log(log_path, step) if accelerator.is_main_process else None
 
     per_epoch = len(train_rows) // global_rows
     student.train()
     bar = tqdm(total=total_steps, initial=step, desc="uptrain", unit="step",
                disable=not (cfg.progress and accelerator.is_main_process))
     started, tokens_done = time.perf_counter(), 0
-    history = []
     if step == 0:  # where recovery starts: the converted model before any training
         history.append({"step": 0, "tokens": 0, **evaluate(accelerator.unwrap_model(student), teacher, eval_rows,
                                                            accelerator.device, cfg.micro_batch)})
@@ -336,7 +406,7 @@ def run(cfg: UptrainConfig) -> dict:
             path = ckpt_root / f"step-{step}"
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
-                (path / "kvslim_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+                (path / STATE_FILE).write_text(json.dumps({"step": step, "config": asdict(cfg), "history": history}))
             resume = [path]
     bar.close()
     accelerator.wait_for_everyone()
@@ -344,17 +414,54 @@ def run(cfg: UptrainConfig) -> dict:
         model = accelerator.unwrap_model(student)
         if cfg.train == "lora":
             model = model.merge_and_unload()
-        with AtomicDirectory(output, overwrite=cfg.overwrite) as tmp:
+        with target as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             summary = {"config": asdict(cfg), "steps": step, "tokens": step * global_rows * cfg.seq_len,
                        "processes": world, "evaluations": history}
-            (tmp / "kvslim_uptrain.json").write_text(json.dumps(summary, indent=2))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log.close()
+        kept = checkpoints(ckpt_root)
+        if kept and not cfg.keep_checkpoints:
+            for path in kept[:-1]:
+                shutil.rmtree(path, ignore_errors=True)
+            accelerator.print(f"kept the last checkpoint, {kept[-1]} (--keep-checkpoints keeps every one)")
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()  # last: it also ends the process group
     return {"steps": step, "evaluations": history}
+
+
+STATE_FILE = "kvslim_state.json"  # in every checkpoint: its step, the settings and the evaluations so far
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """kvslim's checkpoints under `root`, oldest first."""
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _changed_settings(saved: dict, cfg: UptrainConfig) -> dict:
+    now = json.loads(json.dumps(asdict(cfg)))  # as the checkpoint stored it (tuples become lists)
+    return {k: (saved.get(k), v) for k, v in now.items() if k not in NOT_TRAINING_SETTINGS and saved.get(k) != v}
+
+
+def _remove_run_state(ckpt_root: Path, log_path: Path) -> None:
+    """Remove an earlier run's checkpoints and log, only where kvslim wrote them."""
+    for path in checkpoints(ckpt_root):
+        shutil.rmtree(path)
+    if ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+        ckpt_root.rmdir()
+    log_path.unlink(missing_ok=True)
+
+
+def _open_log(path: Path, step: int):
+    """The run's JSONL log for appending, without records past `step` (a killed run may have logged
+    steps after its last checkpoint; the resumed run logs them again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
 
 
 def resolve_trackers(report_to: str) -> list[str]:

@@ -137,16 +137,70 @@ def test_calibration_data_missing_or_too_short(src, tmp_path):
     assert_refused(r, "too short", out=out, tmp_path=tmp_path)
 
 
-def test_output_exists_needs_overwrite(src, tmp_path):
+def test_output_exists_needs_overwrite_which_replaces_only_what_kvslim_wrote(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "important.txt").write_text("mine")
+    (out / "sub").mkdir()
     assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "mean"), "already exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
     r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean", "--overwrite")
-    assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and load(out).config.num_key_value_heads == 1
+    assert_refused(r, "only replaces an empty directory or one kvslim wrote", "important.txt", "sub")
+    assert (out / "important.txt").read_text() == "mine" and (out / "sub").is_dir()
     assert not leftovers(tmp_path)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("convert", src, "-o", empty, "--to", "mqa", "--method", "mean", "--overwrite").exit_code == 0
+    r = run("convert", src, "-o", empty, "--to", "gqa", "--kv-heads", "2", "--method", "mean", "--overwrite")
+    assert r.exit_code == 0, r.output  # kvslim's own output (it holds the record) is replaced
+    assert load(empty).config.num_key_value_heads == 2
+    assert not leftovers(tmp_path)
+
+
+def test_stale_temporary_directories_of_killed_runs_are_removed(src, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from kvslim.convert.writer import OWNER_FILE
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    killed = tmp_path / ".out.kvslim-tmp-0badc0de"
+    killed.mkdir()
+    (killed / OWNER_FILE).write_text(str(dead.pid))
+    (killed / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    old = tmp_path / ".out.kvslim-tmp-00000000"  # an older kvslim's, untouched for two hours
+    old.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    running = tmp_path / ".out.kvslim-tmp-11111111"  # another conversion still writing
+    running.mkdir()
+    (running / OWNER_FILE).write_text(str(os.getpid()))
+    (tmp_path / ".out.notes").write_text("not kvslim's")
+    r = run("convert", src, "-o", tmp_path / "out", "--to", "mqa", "--method", "mean")
+    assert r.exit_code == 0, r.output
+    assert not killed.exists() and not old.exists() and running.exists()
+    assert (tmp_path / ".out.notes").read_text() == "not kvslim's"
+    assert not (tmp_path / "out" / OWNER_FILE).exists()
+
+
+def test_unwritable_output_is_refused_before_any_work(src, tmp_path, monkeypatch):
+    from kvslim.convert import writer
+
+    real = writer.os.access
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: False if "locked" in str(path) else real(path, mode))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = locked / "out"
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "mean"), "not writable", out=out)
+    monkeypatch.setattr(writer.os, "access", real)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(writer.Path, "mkdir", read_only)
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--method", "mean"), "Read-only file system", out=out)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -103,6 +103,12 @@ def test_failed_upload_is_reported_clearly(converted, tmp_path):
     assert "Uploading to 'alice/tiny-mqa' failed (HTTP 500)" in proc.stderr
     assert "Traceback" not in proc.stderr
     no_token_anywhere(proc.stdout, proc.stderr, folder=out)
+    before = sorted(p.name for p in out.iterdir())
+    assert "README.md" not in before  # the card is written only into what is uploaded
+    unreachable = kvslim("push", out, "--repo-id", "alice/tiny-mqa", endpoint="http://127.0.0.1:9", cwd=tmp_path)
+    assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr, unreachable.stderr
+    assert "Uploading to 'alice/tiny-mqa' failed" in unreachable.stderr and "HF_ENDPOINT" in unreachable.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_wrong_token_and_bad_input(converted, tmp_path):

@@ -78,26 +78,53 @@ def test_distillation_from_identical_teacher_has_zero_kl(setup, tmp_path):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
-    settings = dict(tokens=128 * 6, checkpoint_every=3, lr=3e-3)
+    settings = dict(tokens=128 * 12, checkpoint_every=3, eval_every=3, lr=3e-3)
     recipe.run(cfg(setup, tmp_path, "straight", **settings))
     calls = {"n": 0}
     real = recipe.losses
 
-    def dies_at_step_5(*args, **kwargs):
+    def dies_at_step_8(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 8:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "losses", dies_at_step_5)
+    monkeypatch.setattr(recipe, "losses", dies_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         recipe.run(cfg(setup, tmp_path, "resumed", **settings))
-    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints" / "step-3").is_dir()
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints" / "step-6").is_dir()
+    assert log(tmp_path, "resumed")[-1]["step"] == 7  # logged past the last checkpoint before the kill
     monkeypatch.setattr(recipe, "losses", real)
     recipe.run(cfg(setup, tmp_path, "resumed", **settings))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    # the resumed run's records are the uninterrupted run's: every step logged once, every evaluation kept
+    drop = ("tokens_per_s",)
+    straight, resumed = log(tmp_path, "straight"), log(tmp_path, "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 13))
+    for x, y in zip(straight, resumed):
+        assert {k: v for k, v in x.items() if k not in drop} == pytest.approx({k: v for k, v in y.items() if k not in drop})
+    evals = [json.loads((tmp_path / n / "kvslim_uptrain.json").read_text())["evaluations"] for n in ("straight", "resumed")]
+    assert [e["step"] for e in evals[1]] == [e["step"] for e in evals[0]] == [0, 3, 6, 9, 12]
+    assert [e["eval_ppl"] for e in evals[1]] == pytest.approx([e["eval_ppl"] for e in evals[0]])
+    # only the last checkpoint is kept after a finished run
+    assert [p.name for p in (tmp_path / "resumed.checkpoints").iterdir()] == ["step-9"]
+    assert sorted(p.name for p in (tmp_path / "straight.checkpoints").iterdir()) == ["step-9"]
+
+
+def test_overwrite_starts_fresh_and_a_resume_with_other_settings_is_refused(setup, tmp_path):
+    recipe.run(cfg(setup, tmp_path, "run", tokens=128 * 4, checkpoint_every=2, lr=1e-4, keep_checkpoints=True))
+    assert sorted(p.name for p in (tmp_path / "run.checkpoints").iterdir()) == ["step-2"]
+    (tmp_path / "run").rename(tmp_path / "run-first")  # as if the run had been killed after step 2
+    with pytest.raises(UptrainError, match=r"lr: 0\.0001 in the checkpoint, 0\.001 now.*--overwrite"):
+        recipe.run(cfg(setup, tmp_path, "run", tokens=128 * 4, checkpoint_every=2, lr=1e-3))
+    recipe.run(cfg(setup, tmp_path, "run", tokens=128 * 4, checkpoint_every=2, lr=1e-3, overwrite=True))
+    records = log(tmp_path, "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # a fresh run: not resumed from step 2
+    assert records[0]["lr"] == pytest.approx(1e-3 / 1)  # warmup of 5% of 4 steps is one step
+    summary = json.loads((tmp_path / "run" / "kvslim_uptrain.json").read_text())
+    assert summary["config"]["lr"] == 1e-3 and summary["steps"] == 4
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
@@ -188,6 +215,19 @@ def test_bad_inputs(setup, tmp_path, tokenizer_dir, save_model):
     assert not (tmp_path / "x").exists()
 
 
+def test_settings_are_typed_and_checked():
+    from kvslim.recipes.uptrain import parse_overrides
+
+    config = UptrainConfig.load("distill", parse_overrides(["lr=1e-4", "seq_len=256", "progress=false", "tokens=500K"]))
+    assert config.lr == 1e-4 and config.seq_len == 256 and config.progress is False  # YAML reads 1e-4 as a string
+    for bad, message in [({"seq_len": "abc"}, "seq_len must be an integer"), ({"lr": "fast"}, "lr must be a float"),
+                         ({"tokens": 0}, "tokens must be a positive"), ({"lr": -1}, "lr must be positive"),
+                         ({"warmup": 2}, "warmup must be between 0 and 1"), ({"micro_batch": 0}, "micro_batch"),
+                         ({"train": "mlp"}, "valid: all, attention, lora"), ({"seq_len": 2.5}, "integer")]:
+        with pytest.raises(UptrainError, match=message):
+            UptrainConfig.load("distill", bad)
+
+
 def test_cli_uptrain(setup, tmp_path):
     from typer.testing import CliRunner
 
@@ -195,9 +235,16 @@ def test_cli_uptrain(setup, tmp_path):
 
     r = CliRunner().invoke(app, ["uptrain", setup["model"], "-o", str(tmp_path / "cli"), "--teacher", setup["teacher"],
                                  "--recipe", "distill", "--data", setup["data"][0], "--tokens", "512",
-                                 "--set", "seq_len=32", "--set", "micro_batch=4", "--set", "eval_rows=4",
-                                 "--set", "progress=false"])
+                                 "--set", "seq_len=32", "micro_batch=4", "--set", "eval_rows=4", "lr=1e-4",
+                                 "--set", "progress=false"])  # the README's --set a=1 b=2, and --set repeated
     assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cli" / "kvslim_uptrain.json").read_text())["config"]["lr"] == 1e-4
+    for args, message in [(["--set", "seq_len=abc"], "seq_len must be an integer"), (["--tokens", "0"], "tokens must"),
+                          (["--set", "lr=1e-4", "stray"], "Unexpected argument(s) stray")]:
+        bad = CliRunner().invoke(app, ["uptrain", setup["model"], "-o", str(tmp_path / "bad"), "--data",
+                                       setup["data"][0], *args])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+        assert not (tmp_path / "bad").exists()
     assert "held-out perplexity" in r.output and load(tmp_path / "cli").config.num_key_value_heads == 1
     assert collate([{"a": torch.zeros(2)}, {"a": torch.ones(2)}])["a"].shape == (2, 2)
 
