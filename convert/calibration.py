@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from pathlib import Path
 import torch
 from torch import nn
@@ -20,13 +21,14 @@ from transformers.cache_utils import Cache
 from .errors import ConversionError
 from .sources import CheckpointSource
 
+log = logging.getLogger("kvslim")
 DEFAULT_CALIB_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1:train"
 _TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".raw"}
 
 
-def read_texts(spec: str, max_chars: int | None = None) -> list[str]:
+def read_texts(spec: str, max_chars: int | None = None, role: str = "Calibration data") -> list[str]:
     """Documents from a local file/directory (txt, jsonl/json with a "text" field, parquet) or a
-    datasets id written as ``name[:config[:split]]``."""
+    datasets id written as ``name[:config[:split]]``. `role` names the data in messages."""
     path = Path(spec).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -39,17 +41,19 @@ def read_texts(spec: str, max_chars: int | None = None) -> list[str]:
             if max_chars and chars >= max_chars:
                 break
         if not docs:
-            raise ConversionError(f"Calibration data '{spec}' contains no readable text files.")
+            raise ConversionError(f"{role} '{spec}' contains no readable text files.")
         return docs
     if spec.startswith((".", "/", "~")) or spec.endswith(tuple(_TEXT_SUFFIXES | {".json", ".jsonl", ".parquet"})):
-        raise ConversionError(f"Calibration data '{spec}' does not exist.")
+        raise ConversionError(f"{role} '{spec}' does not exist.")
     return _read_dataset(spec)
 
 
 def _read_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in _TEXT_SUFFIXES:
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        _warn_if_not_text(path, text)
+        return [text]
     if suffix in {".json", ".jsonl", ".parquet"}:
         import datasets
 
@@ -59,6 +63,17 @@ def _read_file(path: Path) -> list[str]:
             raise ConversionError(f"'{path}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
         return [t for t in ds["text"] if t]
     return []
+
+
+NOT_TEXT_WARNING = 0.05  # share of undecodable or control characters above which a file is called binary
+
+
+def _warn_if_not_text(path: Path, text: str) -> None:
+    sample = text[:1_000_000]
+    bad = sum(1 for c in sample if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
+    if sample and bad / len(sample) > NOT_TEXT_WARNING:
+        log.warning("kvslim: '%s' is mostly not text (%.0f%% undecodable or control characters); statistics "
+                    "measured on it will not describe real inputs. Pass plain UTF-8 text.", path, 100 * bad / len(sample))
 
 
 def _read_dataset(spec: str) -> list[str]:

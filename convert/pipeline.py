@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..compat import check_transformers
 from .adapters import AttentionAdapter, get_adapter
 from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
+from .formatting import plural
 from .gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from .refine import REFINE_LR, REFINE_STEPS, refine_attention
 from .sources import CheckpointSource, open_source
@@ -21,6 +23,7 @@ from .writer import AtomicDirectory, ShardedWriter
 
 TARGETS = ("gqa", "mqa", "mha", "mla")
 RECORD_FILE = "kvslim_conversion.json"
+log = logging.getLogger("kvslim")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -106,7 +109,7 @@ def convert(
     *,
     to: str = "gqa",
     kv_heads: int | None = None,
-    method: str = "aware",
+    method: str | None = None,
     calib_data: str | None = None,
     calib_samples: int = 128,
     calib_seq_len: int = 512,
@@ -121,25 +124,36 @@ def convert(
     kv_rank: int | None = None,
     rope_dim: int | None = None,
     kv_budget: float | None = None,
-    mla_init: str = "whitened",
-    rope_strategy: str = "rotate",
+    mla_init: str | None = None,
+    rope_strategy: str | None = None,
+    tokenizer: str | None = None,
     progress: bool = True,
 ) -> ConversionRecord:
     """Convert `source` (Hub id, directory or .gguf) to `kv_heads` KV heads and save to `output`.
 
     Returns the conversion record (also saved beside the weights). Raises ConversionError on bad
-    input, before anything is written. `refine_steps` None: see `default_refine_steps`.
+    input, before anything is written. `refine_steps` None: see `default_refine_steps`. `method` and
+    `regroup` apply to GQA/MQA/MHA targets, `kv_rank`, `rope_dim`, `kv_budget`, `mla_init` and
+    `rope_strategy` to MLA; an option given for the other kind of target is refused. `tokenizer`: a
+    directory or Hub id to tokenize calibration text with, for sources that ship none.
     """
     started = time.perf_counter()
     check_transformers()
     out = AtomicDirectory(output, overwrite, marker=RECORD_FILE)
     out.check()
+    _refuse_other_targets_options(to, method=method, regroup=regroup, kv_rank=kv_rank, rope_dim=rope_dim,
+                                  kv_budget=kv_budget, mla_init=mla_init, rope_strategy=rope_strategy)
+    method, mla_init, rope_strategy = method or "aware", mla_init or "whitened", rope_strategy or "rotate"
     if method not in METHODS:
         raise ConversionError(f"Unknown method '{method}'; valid: {', '.join(METHODS)}.")
     if calib_samples < 1 or calib_seq_len < 2:
         raise ConversionError("--calib-samples must be >= 1 and --calib-seq-len >= 2.")
+    if refine_steps is not None and refine_steps < 0:
+        raise ConversionError(f"--refine-steps {refine_steps} is negative; use 0 (closed form only) or more.")
     out_dtype = parse_dtype(dtype)
-    src = open_source(source, revision)
+    check_device(device)
+    src = open_source(source, revision, tokenizer)
+    calib_seq_len = fit_to_context(src.config, calib_seq_len)
     adapter = get_adapter(src.model_type)
     layout = adapter.layout(src.config)
     if refine_steps is None:
@@ -188,7 +202,7 @@ def convert(
         writer = ShardedWriter(tmp, max_shard_bytes)
         copy_non_layer_tensors(src, adapter, layout, writer, out_dtype)
         groups_log, refine_log = [], []
-        bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {target_kv} KV heads)",
+        bar = tqdm(range(layout.num_layers), desc=f"converting ({method} -> {plural(target_kv, 'KV head')})",
                    unit="layer", disable=not progress)
         for i in bar:
             weights = adapter.read(src.reader, i, layout)
@@ -300,7 +314,50 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
+MLA_OPTIONS = {"kv_rank": "--kv-rank", "rope_dim": "--rope-dim", "kv_budget": "--kv-budget",
+               "mla_init": "--mla-init", "rope_strategy": "--rope-strategy"}
+GQA_OPTIONS = {"method": "--method", "regroup": "--regroup/--no-regroup"}
+
+
+def _refuse_other_targets_options(to: str, **given) -> None:
+    """An option of the other kind of target is refused, not silently ignored."""
+    foreign = MLA_OPTIONS if to != "mla" else GQA_OPTIONS
+    wrong = [flag for name, flag in foreign.items() if given.get(name) is not None]
+    if wrong:
+        own = GQA_OPTIONS if to != "mla" else MLA_OPTIONS
+        raise ConversionError(f"{', '.join(wrong)} do(es) not apply to --to {to}; --to {to} takes "
+                              f"{', '.join(own.values())} (and the calibration and refinement options).")
+
+
+def fit_to_context(config, seq_len: int) -> int:
+    """Calibration windows no longer than the model's context (GPT-2 style models index a position
+    table and fail past it), with a notice when shortened."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and 2 <= limit < seq_len:
+        log.warning("kvslim: calibration windows shortened from %d to %d tokens, the model's context.", seq_len, limit)
+        return limit
+    return seq_len
+
+
+def check_device(device: str) -> None:
+    """The calibration device exists here (before any work, not deep in the first layer)."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConversionError(f"Unknown --device '{device}'; use cpu, cuda or cuda:N.") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConversionError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, {build}). "
+                              "Use --device cpu.")
+    if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+        raise ConversionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if where.type not in ("cpu", "cuda"):
+        raise ConversionError(f"--device {device}: calibration runs on cpu or cuda.")
+
+
 def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers: int) -> None:
+    """Before any work: every tensor the conversion reads exists, and every checkpoint tensor the
+    config's model also has (built on the meta device, so nothing is allocated) has its shape."""
     keys = src.reader.keys()
     for i in range(num_layers):
         for name in adapter.required(i):
@@ -309,3 +366,12 @@ def _check_tensors(src: CheckpointSource, adapter: AttentionAdapter, num_layers:
                     f"The checkpoint has no tensor '{name}': its weights do not match its config "
                     f"(model_type '{src.model_type}')."
                 )
+    expected = {name: tuple(t.shape) for name, t in meta_model(src.config, adapter.model_kind).state_dict().items()}
+    for name in keys:
+        want = expected.get(name)
+        if want is not None and src.reader.shape(name) != want:
+            raise ConversionError(
+                f"Tensor '{name}' has shape {list(src.reader.shape(name))}, but the checkpoint's config.json "
+                f"describes {list(want)}: the weights and the config do not belong together. Use the config "
+                "that was saved with these weights."
+            )

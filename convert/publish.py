@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConversionError
+from .formatting import human_bytes, plural
 
 CARD_FILE = "README.md"
 PLOT_FILE = "kvslim_recovery.png"
@@ -42,14 +43,6 @@ def read_records(folder: Path) -> tuple[dict | None, dict | None, dict]:
     return record, uptrain, config
 
 
-def _kib(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} GiB"
-
-
 def _attention_line(record: dict) -> str:
     if record.get("mla"):
         m = record["mla"]
@@ -63,7 +56,7 @@ def _attention_line(record: dict) -> str:
         return (f"multi-head latent attention (DeepSeek-V3 format): latent rank {m['kv_rank']} (+{m.get('latent_anchor', 0)} "
                 f"anchor) and a {m['rope_dim']}-dim RoPE key shared by all {record['num_heads']} heads")
     kind = {1: "MQA"}.get(record["kv_heads_after"], "GQA" if record["kv_heads_after"] < record["num_heads"] else "MHA")
-    return f"{kind}: {record['num_heads']} query heads, {record['kv_heads_after']} KV heads"
+    return f"{kind}: {record['num_heads']} query heads, {plural(record['kv_heads_after'], 'KV head')}"
 
 
 def recipe_rows(record: dict) -> list[tuple[str, str]]:
@@ -116,8 +109,8 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
         lines += [f"| {k} | {v} |" for k, v in recipe_rows(record)]
         before, after = record["kv_bytes_per_token_before"], record["kv_bytes_per_token_after"]
         lines += ["", "## KV cache", "", "| | per token | at 4K tokens | at 32K tokens |", "|---|---|---|---|",
-                  f"| source | {_kib(before)} | {_kib(before * 4096)} | {_kib(before * 32768)} |",
-                  f"| this model | {_kib(after)} | {_kib(after * 4096)} | {_kib(after * 32768)} |",
+                  f"| source | {human_bytes(before)} | {human_bytes(before * 4096)} | {human_bytes(before * 32768)} |",
+                  f"| this model | {human_bytes(after)} | {human_bytes(after * 4096)} | {human_bytes(after * 32768)} |",
                   "", f"The KV cache is {after / before:.1%} of the source's ({before / after:.2f}x smaller)."]
         if record.get("notes"):
             lines += ["", "Notes:"] + [f"- {n}" for n in record["notes"]]

@@ -35,6 +35,7 @@ class TensorReader(Protocol):
     def keys(self) -> KeysView[str]: ...
     def get(self, name: str) -> torch.Tensor: ...
     def dtype(self, name: str) -> torch.dtype: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
 
 class SafetensorsReader:
@@ -72,6 +73,10 @@ class SafetensorsReader:
         handle = self._handles[self._where[name]]
         return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file's header: no tensor data is read."""
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,6 +100,9 @@ class DictReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
 
 @dataclass
 class CheckpointSource:
@@ -106,6 +114,7 @@ class CheckpointSource:
     directory: Path
     gguf_file: str | None = None
     side_files: list[Path] = field(default_factory=list)
+    tokenizer: str | None = None  # where to load the tokenizer from instead (a source without one)
 
     @property
     def model_type(self) -> str:
@@ -114,14 +123,26 @@ class CheckpointSource:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        return AutoTokenizer.from_pretrained(str(self.directory), **kwargs)
+        if self.tokenizer:
+            where, kwargs = self.tokenizer, {}
+        else:
+            where, kwargs = str(self.directory), {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        try:
+            return AutoTokenizer.from_pretrained(where, **kwargs)
+        except (OSError, ValueError, ImportError) as exc:  # missing files; "needs sentencepiece or tiktoken"
+            if self.tokenizer:
+                raise ConversionError(f"Cannot load the tokenizer '{self.tokenizer}' ({exc}).") from None
+            raise ConversionError(
+                f"'{self.spec}' has no usable tokenizer (tokenizer.json / tokenizer_config.json), which "
+                "calibration needs to read text. Pass --tokenizer DIR_OR_HUB_ID (the tokenizer the model was "
+                "trained with), or use --method mean, which needs no calibration."
+            ) from None
 
     def save_side_files(self, out_dir: Path) -> None:
         """Tokenizer files and generation config, so the output is a complete model directory."""
         from transformers import GenerationConfig
 
-        if self.gguf_file:
+        if self.gguf_file or self.tokenizer:  # the output should be a complete model directory
             self.load_tokenizer().save_pretrained(str(out_dir))
         for path in self.side_files:
             shutil.copy2(path, out_dir / path.name)
@@ -135,8 +156,15 @@ class CheckpointSource:
         return (n for n in self.reader.keys() if n.startswith(layer_prefix))
 
 
-def open_source(spec: str, revision: str | None = None) -> CheckpointSource:
-    """Resolve `spec` (Hub id, directory or .gguf path) into a CheckpointSource."""
+def open_source(spec: str, revision: str | None = None, tokenizer: str | None = None) -> CheckpointSource:
+    """Resolve `spec` (Hub id, directory or .gguf path) into a CheckpointSource; `tokenizer` (a
+    directory or Hub id) stands in for a source that ships no tokenizer."""
+    source = _open_source(spec, revision)
+    source.tokenizer = tokenizer
+    return source
+
+
+def _open_source(spec: str, revision: str | None) -> CheckpointSource:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -9,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..convert.errors import ConversionError
+
+log = logging.getLogger("kvslim")
 
 
 @dataclass
@@ -126,12 +129,25 @@ def evaluate_perplexity(
     from ..convert.calibration import read_texts
     from .summary import describe
 
+    if window < 2:
+        raise ConversionError(f"--window {window} is too short: a window holds its first token and at least one "
+                              "scored token; use 2 or more (512 is typical).")
+    if stride is not None and not 1 <= stride <= window:
+        raise ConversionError(f"--stride {stride} must be between 1 and the window ({window}).")
     specs = [data] if isinstance(data, str) else list(data)
-    texts = [t for s in specs for t in read_texts(s)]
+    texts = [t for s in specs for t in read_texts(s, role="Evaluation data")]
     model, tokenizer = load_causal_lm(model_spec)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and window > limit:
+        log.warning("kvslim: --window %d is longer than the model's context (%d positions); positions past it "
+                    "are extrapolated and the perplexity is not comparable to in-context numbers.", window, limit)
     ids = tokenize_corpus(texts, tokenizer, max_tokens)
     bos = tokenizer.bos_token_id
-    result = perplexity(model, ids, window, stride, bos, batch_size, progress)
+    try:
+        result = perplexity(model, ids, window, stride, bos, batch_size, progress)
+    except IndexError:  # learned position tables (GPT-2, OPT) end at the context
+        raise ConversionError(f"--window {window} is longer than this model can read ({limit} positions); "
+                              f"use --window {limit} or less.") from None
     summary = describe(model.config, model_spec)
     return {"model": model_spec, "data": specs, **result.to_dict(),
             "kv_bytes_per_token": summary.kv_bytes_per_token, "attention": summary.attention}

@@ -173,7 +173,7 @@ def report(source: str, converted: str, data: list[str], output: str | Path, win
     conv_model, conv_tok = load_causal_lm(converted)
     if src_tok.get_vocab() != conv_tok.get_vocab():
         raise ConversionError("The two models use different tokenizers; a report compares a model with its own conversion.")
-    texts = [t for spec in data for t in read_texts(spec)]
+    texts = [t for spec in data for t in read_texts(spec, role="Report data")]
     ids = tokenize_corpus(texts, src_tok, max_tokens)
     windows = bos_windows(ids, window, src_tok.bos_token_id)
     result = {"source": source, "converted": converted, "data": list(data), "window": window, "windows": len(windows),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..convert.adapters import attention_module_names
 from ..convert.errors import ConversionError
 from ..convert.writer import AtomicDirectory
 from .data import DataError, UptrainError, collate, load_documents, packed_rows
@@ -206,16 +207,22 @@ def load_models(cfg: UptrainConfig):
         raise UptrainError("kd/hidden losses need a teacher (--teacher, the unconverted source model).")
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    if cfg.train in ("attention", "lora"):
+        attention = tuple(f"{name}." for name in attention_module_names(student))  # the architecture's own names
     if cfg.train == "attention":
         for name, p in student.named_parameters():
-            p.requires_grad_(".self_attn." in name)
+            p.requires_grad_(name.startswith(attention))
     elif cfg.train == "lora":
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UptrainError("train: lora (the lora_distill recipe) needs peft: pip install 'kvslim[peft]'.") from None
+        from transformers.pytorch_utils import Conv1D
 
-        names = {n.rsplit(".", 1)[-1] for n, m in student.named_modules()
-                 if ".self_attn." in n and isinstance(m, torch.nn.Linear)}
+        targets = sorted(n for n, m in student.named_modules()
+                         if n.startswith(attention) and isinstance(m, (torch.nn.Linear, Conv1D)))
         student = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                     lora_dropout=cfg.lora_dropout, target_modules=sorted(names)))
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets))
     return student, teacher, tokenizer
 
 

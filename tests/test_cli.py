@@ -279,3 +279,86 @@ def test_report_refuses_a_different_tokenizer_and_short_data(save_model, tmp_pat
     short.write_text("a few words")
     r = run("report", src, src, "--data", short, "-o", tmp_path / "r2")
     assert r.exit_code == 2 and "too short" in r.output and not (tmp_path / "r2").exists()
+
+
+# ---- bad input that used to end in a traceback (each: exit 2, a message naming it, nothing written) ----
+
+
+def test_config_that_disagrees_with_the_weights_is_refused_before_any_work(src, tmp_path):
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] += 32
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean")
+    assert_refused(r, "mlp", "has shape", "do not belong together", out=out, tmp_path=tmp_path)
+
+
+def test_cuda_without_a_gpu_and_unknown_devices(src, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    if not torch.cuda.is_available():
+        assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--device", "cuda"), "no CUDA GPU", "--device cpu",
+                       out=out)
+    assert_refused(run("convert", src, "-o", out, "--to", "mqa", "--device", "tpu7"), "--device", out=out)
+
+
+def test_options_of_the_other_target_and_out_of_range_values_are_refused(src, tmp_path):
+    out = tmp_path / "out"
+    for args, message in [(["--to", "gqa", "--kv-heads", "2", "--kv-rank", "8"], "--kv-rank do(es) not apply to --to gqa"),
+                          (["--to", "mqa", "--kv-budget", "0.5"], "--kv-budget do(es) not apply to --to mqa"),
+                          (["--to", "mla", "--kv-budget", "0.5", "--method", "mean"], "--method do(es) not apply"),
+                          (["--to", "mla", "--kv-budget", "0.5", "--no-regroup"], "--regroup/--no-regroup"),
+                          (["--to", "mqa", "--refine-steps", "-5"], "--refine-steps -5 is negative")]:
+        assert_refused(run("convert", src, "-o", out, *args), message, out=out)
+
+
+def test_eval_window_and_data_messages(src, tmp_path, text_file, caplog):
+    for window in ("0", "1"):
+        assert_refused(run("eval", src, "--data", text_file, "--window", window), "is too short")
+    assert_refused(run("eval", src, "--data", tmp_path / "missing.txt"), "Evaluation data")
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kvslim"):
+        r = run("eval", src, "--data", text_file, "--window", "300", "--max-tokens", "600")
+    assert r.exit_code == 0, r.output  # 256 positions, rotary: allowed, with a warning
+    assert any("longer than the model's context (256" in rec.getMessage() for rec in caplog.records)
+
+
+def test_source_without_tokenizer_and_tokenizer_option(src, tmp_path, text_file, tokenizer_dir):
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    out = tmp_path / "out"
+    r = run("convert", src, "-o", out, "--to", "mqa", "--calib-data", text_file, *FAST)
+    assert_refused(r, "has no usable tokenizer", "--tokenizer", out=out, tmp_path=tmp_path)
+    r = run("convert", src, "-o", out, "--to", "mqa", "--calib-data", text_file, "--tokenizer", tokenizer_dir, *FAST)
+    assert r.exit_code == 0, r.output
+    assert (out / "tokenizer.json").is_file()  # the output is a complete model directory
+
+
+def test_short_context_model_gets_windows_fitted(save_model, tmp_path, text_file, caplog):
+    import logging
+
+    from test_architectures import gpt2
+
+    src = save_model(gpt2(), "gpt2")  # 128 positions, learned: the default 512-token windows cannot run
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="kvslim"):
+        r = run("convert", src, "-o", out, "--to", "mqa", "--calib-data", text_file, "--calib-samples", "8",
+                "--refine-steps", "0")
+    assert r.exit_code == 0, r.output
+    assert any("shortened from 512 to 128" in rec.getMessage() for rec in caplog.records)
+    assert json.loads((out / "kvslim_conversion.json").read_text())["calibration"]["seq_len"] == 128
+
+
+def test_binary_calibration_text_is_warned_about(src, tmp_path, caplog):
+    import logging
+    import random
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(60000)))
+    with caplog.at_level(logging.WARNING, logger="kvslim"):
+        r = run("convert", src, "-o", tmp_path / "out", "--to", "mqa", "--calib-data", noise, *FAST)
+    assert r.exit_code == 0, r.output
+    assert any("is mostly not text" in rec.getMessage() for rec in caplog.records)

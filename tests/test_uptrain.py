@@ -264,3 +264,54 @@ def test_tensorboard_logging_and_bad_tracker(setup, tmp_path):
     assert summary["evaluations"][0]["tokens"] == 0  # the converted model before training
     with pytest.raises(UptrainError, match="report_to"):
         recipe.run(cfg(setup, tmp_path, "bad", tokens=128, report_to="mlflowz"))
+
+
+def _source_for(model_type: str):
+    from test_architectures import gpt2, neox, opt, phi3
+
+    builders = {"gpt2": gpt2, "opt": opt, "gpt_neox": neox, "phi3": phi3}
+    return builders[model_type]() if model_type in builders else make_model(model_type, 8, 8)
+
+
+def _one_adapter_per_kind():
+    from kvslim.convert import get_adapter, supported_model_types
+
+    seen, cases = set(), []
+    for model_type in supported_model_types():
+        adapter = get_adapter(model_type)
+        if adapter.name not in seen:
+            seen.add(adapter.name)
+            cases.append(model_type)
+    return cases
+
+
+@pytest.mark.parametrize("model_type", _one_adapter_per_kind())
+def test_attention_only_and_lora_training_find_every_architectures_attention(model_type, save_model, tmp_path,
+                                                                              text_file):
+    import kvslim
+    from kvslim.convert import get_adapter
+    from kvslim.convert.adapters import attention_module_names
+
+    if get_adapter(model_type).model_kind != "causal":
+        pytest.skip(f"{model_type} is an encoder: uptraining trains causal language models")
+    src = save_model(_source_for(model_type), model_type)
+    kvslim.convert(str(src), tmp_path / "student", to="gqa", kv_heads=2, method="mean", progress=False)
+    base = dict(model=str(tmp_path / "student"), data=[str(text_file)], seq_len=32, micro_batch=2, eval_rows=2,
+                progress=False, tokens=64 * 2, lr=1e-2, eval_every=1000, checkpoint_every=1000)
+    before = load(tmp_path / "student").state_dict()
+    attention = tuple(f"{n}." for n in attention_module_names(load(tmp_path / "student")))
+    recipe.run(UptrainConfig(**base, output=str(tmp_path / "attn"), train="attention"))
+    after = load(tmp_path / "attn").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(attention) for k in changed), sorted(changed)[:5]
+    recipe.run(UptrainConfig(**base, output=str(tmp_path / "lora"), train="lora", teacher=str(src), kd=1.0))
+    merged = load(tmp_path / "lora").state_dict()
+    assert not any("lora" in k for k in merged)
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed and all(k.startswith(attention) for k in changed), sorted(changed)[:5]
+
+
+def test_lora_without_peft_names_the_extra(setup, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(UptrainError, match=r"pip install 'kvslim\[peft\]'"):
+        recipe.run(cfg(setup, tmp_path, "nopeft", train="lora", tokens=128))
