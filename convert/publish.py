@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _attention_line(record: dict) -> str:
 
 
 def recipe_rows(record: dict) -> list[tuple[str, str]]:
-    rows = [("source", f"`{record['source']}` ({record['architecture']})"),
+    rows = [("source", f"{source_label(record['source'], hub_id_of(record['source'], {}))} ({record['architecture']})"),
             ("target", _attention_line(record)),
             ("KV heads", f"{record['kv_heads_before']} -> {record['kv_heads_after']}")]
     if record.get("mla"):
@@ -86,7 +87,29 @@ def recipe_rows(record: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None, plot: bool = False):
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
+def hub_id_of(source: str, config: dict) -> str | None:
+    """The Hub id a source came from, where it shows: given as an id, a Hub cache path
+    (.../models--org--name/snapshots/...), or the config's `_name_or_path`. Local paths are never
+    published."""
+    cache = re.search(r"models--([\w.\-]+)--([\w.\-]+)", source)
+    if cache:
+        return f"{cache.group(1)}/{cache.group(2)}"
+    if HUB_ID.fullmatch(source) and not Path(source).expanduser().exists():
+        return source
+    named = str(config.get("_name_or_path") or "")
+    return named if HUB_ID.fullmatch(named) and not Path(named).expanduser().exists() else None
+
+
+def source_label(source: str, hub_id: str | None) -> str:
+    """How a card names the source: its Hub id, or only the local folder's name (no local paths)."""
+    return f"`{hub_id}`" if hub_id else f"a local model (`{Path(source).name}`)"
+
+
+def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None, plot: bool = False,
+                base_model: str | None = None):
     """The ModelCard (huggingface_hub) for the model in `folder`."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -97,13 +120,13 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
         tags.append("mla" if record.get("mla") else {1: "mqa"}.get(record["kv_heads_after"], "gqa"))
     if uptrain:
         tags.append("uptrained")
-    base = record["source"] if record and not os.path.isabs(record["source"]) and not record["source"].endswith(".gguf") else None
+    base = base_model or (hub_id_of(record["source"], config) if record else None)
     data = ModelCardData(base_model=base, library_name="transformers", tags=tags,
                          pipeline_tag="text-generation" if config.get("architectures", [""])[0].endswith("ForCausalLM") else None)
     name = repo_id.split("/")[-1]
     lines = [CARD_MARK, f"# {name}", ""]
     if record:
-        lines += [f"`{record['source']}` converted by kvslim to {_attention_line(record)}"
+        lines += [f"{source_label(record['source'], base)} converted by kvslim to {_attention_line(record)}"
                   + (", then uptrained to recover quality." if uptrain else ", with no training."), "",
                   "## Conversion recipe", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in recipe_rows(record)]
@@ -151,31 +174,29 @@ def plot_recovery(uptrain: dict, path: Path) -> bool:
     evals = uptrain.get("evaluations") or []
     if len(evals) < 2:
         return False
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
     ax.plot([e["tokens"] for e in evals], [e["eval_ppl"] for e in evals], marker="o")
     ax.set_xlabel("uptraining tokens")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("quality recovery")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
 def evaluate_for_card(folder: Path, data: list[str], window: int, max_tokens: int, source: str | None) -> list[dict]:
     """Perplexity of this model and, when it can be loaded here, of its source."""
-    from ..modeling.perplexity import evaluate_perplexity
+    from ..modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW, evaluate_perplexity
 
+    window, max_tokens = window or EVAL_WINDOW, max_tokens or EVAL_TOKENS
     rows = []
     if source:
         try:
             rows.append({**evaluate_perplexity(source, data, window, max_tokens=max_tokens, progress=False),
-                         "model": f"source `{source}`"})
+                         "model": f"source `{hub_id_of(source, {}) or Path(source).name}`"})
         except (ConversionError, OSError) as exc:  # e.g. a Hub source while offline: say so, keep going
             print(f"note: the source '{source}' was not evaluated ({exc}); the card shows this model only.")
     rows.append({**evaluate_perplexity(str(folder), data, window, max_tokens=max_tokens, progress=False),
@@ -185,8 +206,8 @@ def evaluate_for_card(folder: Path, data: list[str], window: int, max_tokens: in
     return rows
 
 
-def write_card(folder: Path, repo_id: str, eval_data: list[str] | None = None, window: int = 512,
-               max_tokens: int = 8192, into: Path | None = None):
+def write_card(folder: Path, repo_id: str, eval_data: list[str] | None = None, window: int | None = None,
+               max_tokens: int | None = None, into: Path | None = None, base_model: str | None = None):
     """Write README.md (and the recovery plot) for `folder` into `into` (default: `folder`); a README
     not written by kvslim is kept."""
     folder = Path(folder)
@@ -200,7 +221,7 @@ def write_card(folder: Path, repo_id: str, eval_data: list[str] | None = None, w
     for name in (CARD_FILE, PLOT_FILE):  # a staged link to the folder's own file must not be written through
         (into / name).unlink(missing_ok=True)
     plotted = bool(uptrain) and plot_recovery(uptrain, into / PLOT_FILE)
-    card = render_card(folder, repo_id, evaluation, plotted)
+    card = render_card(folder, repo_id, evaluation, plotted, base_model)
     card.save(into / CARD_FILE)
     return card
 
@@ -227,8 +248,8 @@ def _scrub(text: str) -> str:
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-         create_pr: bool = False, eval_data: list[str] | None = None, window: int = 512, max_tokens: int = 8192,
-         commit_message: str | None = None) -> str:
+         create_pr: bool = False, eval_data: list[str] | None = None, window: int | None = None, max_tokens: int | None = None,
+         commit_message: str | None = None, base_model: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` with its model card. Returns the commit URL."""
     import httpx
     from huggingface_hub import HfApi
@@ -241,6 +262,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         raise PublishError(f"'{folder}' is not a directory; pass the output directory of `kvslim convert`/`uptrain`.")
     if not any(folder.glob("*.safetensors")):
         raise PublishError(f"'{folder}' has no *.safetensors weights; is the conversion complete?")
+    if base_model is not None and not HUB_ID.fullmatch(base_model):
+        raise PublishError(f"Invalid --base-model '{base_model}': write the Hub id of the source as ORG/NAME.")
     try:
         validate_repo_id(repo_id)
         if "/" not in repo_id:
@@ -250,7 +273,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     api = HfApi()
     try:
         with staged(folder) as upload:
-            write_card(folder, repo_id, eval_data, window, max_tokens, into=upload)
+            write_card(folder, repo_id, eval_data, window, max_tokens, into=upload, base_model=base_model)
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)

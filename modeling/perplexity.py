@@ -12,6 +12,9 @@ from tqdm.auto import tqdm
 from ..convert.errors import ConversionError
 
 log = logging.getLogger("kvslim")
+# one default for every evaluation (eval, report, the model card of push): 512-token windows over the
+# first 16K tokens of the data
+EVAL_WINDOW, EVAL_TOKENS = 512, 16384
 
 
 @dataclass
@@ -122,8 +125,8 @@ def perplexity(
 
 
 def evaluate_perplexity(
-    model_spec: str, data: str | list[str], window: int = 512, stride: int | None = None,
-    max_tokens: int | None = 65536, batch_size: int = 8, progress: bool = True,
+    model_spec: str, data: str | list[str], window: int = EVAL_WINDOW, stride: int | None = None,
+    max_tokens: int | None = EVAL_TOKENS, batch_size: int = 8, progress: bool = True,
 ) -> dict:
     """CLI/API entry: perplexity and KV bytes per token of a model on text files or a dataset."""
     from ..convert.calibration import read_texts

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..convert.errors import ConversionError
+from .perplexity import EVAL_TOKENS, EVAL_WINDOW
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,13 +107,12 @@ def compare(source_model, converted_model, windows: torch.Tensor, batch_size: in
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own renders without pyplot, so no global backend is chosen for the caller
+    from matplotlib.figure import Figure
 
     layers = [r["layer"] for r in result["layers"]]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     axes[0].plot(layers, [r["cka"] for r in result["layers"]], marker="o", label="linear CKA")
     axes[0].plot(layers, [r["cosine_mean"] for r in result["layers"]], marker="s", label="mean token cosine")
     axes[0].set_title("hidden states vs source")
@@ -133,7 +133,6 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['converted']} vs {result['source']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def html_page(result: dict, png: Path) -> str:
@@ -159,8 +158,8 @@ data: {e(', '.join(result['data']))}; {result['windows']} windows of {result['wi
 """
 
 
-def report(source: str, converted: str, data: list[str], output: str | Path, window: int = 256,
-           max_tokens: int = 8192, batch_size: int = 4, progress: bool = True) -> dict:
+def report(source: str, converted: str, data: list[str], output: str | Path, window: int = EVAL_WINDOW,
+           max_tokens: int = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> dict:
     """Compare `converted` with `source` on `data`; write report.json/.png/.html into `output`."""
     from ..convert.calibration import read_texts
     from ..convert.writer import AtomicDirectory

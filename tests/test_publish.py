@@ -148,3 +148,35 @@ def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
     text = render_card(out, "me/gpt2-mla").content
     assert "latent of rank 32" in text and "trust_remote_code=True" in text and "| source | 1.0 KiB |" in text
     assert "RoPE frequencies kept" not in text and "http" not in text.split("---")[2]
+
+
+def test_card_never_publishes_a_local_path_and_finds_the_hub_id(converted, tmp_path):
+    from kvslim.convert.publish import hub_id_of, render_card
+
+    src, out = converted
+    text = render_card(out, "me/tiny").content
+    assert str(src) not in text and str(tmp_path) not in text and "a local model (`src`)" in text
+    assert hub_id_of("/home/u/.cache/huggingface/hub/models--someorg--tiny-llama/snapshots/abc", {}) == "someorg/tiny-llama"
+    assert hub_id_of("someorg/tiny-llama", {}) == "someorg/tiny-llama"
+    assert hub_id_of(str(src), {"_name_or_path": "someorg/tiny-llama"}) == "someorg/tiny-llama"
+    assert hub_id_of(str(src), {"_name_or_path": str(src)}) is None
+    card = render_card(out, "me/tiny", base_model="someorg/tiny-llama")
+    assert card.data.base_model == "someorg/tiny-llama" and "`someorg/tiny-llama` converted by kvslim" in card.content
+
+
+def test_cli_version_short_help_and_one_evaluation_default():
+    from typer.testing import CliRunner
+
+    from kvslim import __version__
+    from kvslim.cli import app
+    from kvslim.modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW
+
+    runner = CliRunner()
+    assert __version__ in runner.invoke(app, ["--version"]).output
+    top = runner.invoke(app, ["-h"])
+    assert top.exit_code == 0 and "MLA" in top.output
+    for command in ("eval", "report", "push"):
+        page = runner.invoke(app, [command, "-h"]).output
+        assert f"[default: {EVAL_WINDOW}]" in page and f"[default: {EVAL_TOKENS}]" in page, command
+    assert "--overwrite <bool>" not in runner.invoke(app, ["convert", "-h"]).output
+    assert "resume" in runner.invoke(app, ["uptrain", "-h"]).output
