@@ -84,3 +84,18 @@ def output_cache(outputs):
     """The cache a model output carries, under either field name (`cache` since 5.24)."""
     cache = getattr(outputs, "cache", None)
     return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+@functools.cache
+def http_errors() -> tuple[type[BaseException], ...]:
+    """Network failures of the HTTP client huggingface_hub uses: httpx in 1.x, httpx2 since 2.0
+    (neither error derives from OSError)."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)

@@ -54,6 +54,9 @@ def run(*args):
 
 
 assert "convert" in run("--help")
+from kvslim.cli import DEMO_CALIB, DEMO_EVAL  # noqa: E402  (the demo's text is package data of the wheel)
+
+assert all(p.is_file() and p.stat().st_size > 100_000 for p in (DEMO_CALIB, DEMO_EVAL)), (DEMO_CALIB, DEMO_EVAL)
 calib = ["--calib-data", str(work / "calib.txt"), "--calib-samples", "8", "--calib-seq-len", "32",
          "--refine-steps", "2"]
 cases = {

@@ -16,6 +16,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from ..compat import http_errors
 from .errors import ConversionError
 from .formatting import human_bytes, plural
 
@@ -251,7 +252,6 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
          create_pr: bool = False, eval_data: list[str] | None = None, window: int | None = None, max_tokens: int | None = None,
          commit_message: str | None = None, base_model: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` with its model card. Returns the commit URL."""
-    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
@@ -286,7 +286,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
                 403: " The token has no write access to this namespace."}.get(status, "")
         raise PublishError(_scrub(f"Uploading to '{repo_id}' failed (HTTP {status}): {exc}.{hint} Nothing was "
                                   "published by this command unless the Hub shows a new commit.")) from None
-    except (OSError, httpx.HTTPError) as exc:  # unreachable endpoint, DNS, TLS, timeouts
+    except http_errors() as exc:  # unreachable endpoint, DNS, TLS, timeouts
         raise PublishError(_scrub(f"Uploading to '{repo_id}' failed: {type(exc).__name__}: {exc}. Check the network "
                                   "and HF_ENDPOINT; nothing was published and the folder is unchanged.")) from None
     return info.pr_url if create_pr and info.pr_url else info.commit_url

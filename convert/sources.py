@@ -20,6 +20,7 @@ from typing import Iterator, KeysView, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..compat import http_errors
 from .errors import ConversionError
 
 # Files copied from a source directory unchanged: tokenizer, chat template, processor files.
@@ -214,6 +215,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
     except HfHubHTTPError as exc:
         raise ConversionError(f"Downloading '{repo_id}' failed: {exc}") from None
+    except http_errors() as exc:  # the endpoint cannot be reached (DNS, refused, TLS, timeout)
+        raise ConversionError(f"Downloading '{repo_id}' failed: {type(exc).__name__}: {exc}. Check the network "
+                              "and HF_ENDPOINT, or pass a local directory or .gguf file.") from None
 
 
 def _open_directory(directory: Path, spec: str) -> CheckpointSource:

