@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import ConversionError
 
@@ -118,40 +117,84 @@ def _stale(path: Path) -> bool:
     return False
 
 
+# safetensors' dtype codes (https://github.com/huggingface/safetensors, the format's header)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class _ShardFile:
+    """One safetensors file written a tensor at a time: each tensor's bytes go to a data file as it
+    arrives, and the header (which safetensors puts first) is written when the shard is complete,
+    followed by the data copied over in chunks. Memory holds one tensor, not a shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        self.data.write(memoryview(raw))
+        size = tensor.numel() * tensor.element_size()
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.nbytes, self.nbytes + size]}
+        self.nbytes += size
+
+    def finish(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 64 * 1024**2)
+        self.data_path.unlink()
+
+
 class ShardedWriter:
-    """Streams tensors into `model-XXXXX-of-YYYYY.safetensors` shards of bounded size."""
+    """Streams tensors into `model-XXXXX-of-YYYYY.safetensors` shards of bounded size; memory holds
+    one tensor at a time, whatever the shard size."""
 
     def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024**3):
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._open: _ShardFile | None = None
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        # clone: safetensors refuses views that share storage (tied weights, slices)
-        self._pending[name] = tensor.detach().to("cpu").contiguous().clone()
-        self._pending_bytes += nbytes
+        try:
+            if self._open is not None and self._open.entries and self._open.nbytes + nbytes > self.max_shard_bytes:
+                self._finish_shard()
+            if self._open is None:
+                self._open = _ShardFile(self.directory / f"model-part-{len(self._shards) + 1:05d}.safetensors")
+            self._open.add(name, tensor)
+        except OSError as exc:
+            raise ConversionError(f"Writing the output shards in '{self.directory}' failed: {exc}. "
+                                  "Nothing was written to the output.") from exc
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _finish_shard(self) -> None:
+        shard, self._open = self._open, None
+        if shard is None:
             return
-        path = self.directory / f"model-part-{len(self._shards) + 1:05d}.safetensors"
-        try:
-            save_file(self._pending, str(path), metadata={"format": "pt"})
-        except OSError as exc:
-            raise ConversionError(f"Writing '{path}' failed: {exc}. Nothing was written to the output.") from exc
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        shard.finish()
+        self._shards.append((shard.path, list(shard.entries)))
 
     def close(self) -> list[str]:
-        """Flush, give the shards their final names and write the index. Returns file names."""
-        self._flush()
+        """Finish the last shard, give the shards their final names and write the index. Returns file names."""
+        try:
+            self._finish_shard()
+        except OSError as exc:
+            raise ConversionError(f"Writing the output shards in '{self.directory}' failed: {exc}. "
+                                  "Nothing was written to the output.") from exc
         if len(self._shards) == 1:
             final = self.directory / "model.safetensors"
             self._shards[0][0].rename(final)

@@ -238,12 +238,11 @@ def test_pickled_checkpoints_are_refused(src, tmp_path):
 def test_disk_full_leaves_nothing_behind(src, tmp_path, monkeypatch):
     from kvslim.convert import writer
 
-    def full_disk(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def full_disk(shard, name, tensor):  # the disk fills up while a shard is being written
+        shard.data.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", full_disk)
+    monkeypatch.setattr(writer._ShardFile, "add", full_disk)
     out = tmp_path / "out"
     r = run("convert", src, "-o", out, "--to", "mqa", "--method", "mean")
     assert_refused(r, "No space left on device", out=out, tmp_path=tmp_path)

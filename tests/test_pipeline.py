@@ -120,3 +120,27 @@ def test_bfloat16_output(save_model, tmp_path):
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.k_proj.weight").get_dtype() == "BF16"
     assert record.kv_bytes_per_token_after == 2 * 2 * 1 * 16 * 2
+
+
+def test_streamed_shards_are_valid_safetensors_for_every_dtype(tmp_path):
+    from safetensors import safe_open
+
+    from kvslim.convert.writer import SAFETENSORS_DTYPES, ShardedWriter
+
+    tensors = {f"t.{str(dtype).split('.')[-1]}": (torch.arange(24) % 7).to(dtype).reshape(2, 3, 4)
+               for dtype in SAFETENSORS_DTYPES}
+    tensors["empty"] = torch.zeros(0, 5)
+    tensors["scalar"] = torch.tensor(3.5)
+    writer = ShardedWriter(tmp_path, max_shard_bytes=200)  # several shards
+    for name, t in tensors.items():
+        writer.add(name, t)
+    files = writer.close()
+    assert len(files) > 1 and not list(tmp_path.glob("*.data"))
+    seen = {}
+    for f in files:
+        with safe_open(str(tmp_path / f), framework="pt") as handle:
+            seen.update({k: handle.get_tensor(k) for k in handle.keys()})
+    assert seen.keys() == tensors.keys()
+    for name, t in tensors.items():
+        same = torch.equal(seen[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        assert seen[name].dtype == t.dtype and seen[name].shape == t.shape and same, name

@@ -1,0 +1,165 @@
+"""Peak memory of a weight-only conversion on a synthetic Llama checkpoint, by output shard size.
+
+The benchmark writes a random bf16 Llama checkpoint of the chosen shape itself (layer by layer, so
+making it needs little memory), then runs `kvslim convert --to gqa --method mean` on it in a child
+process per setting while sampling the child's /proc status every 20 ms. It reports peak anonymous
+RSS (RssAnon: the memory the process itself allocated; mmap'd checkpoint pages, which the kernel can
+drop at any time, are excluded) next to plain peak RSS, the wall time, and the time of reading the
+shards once (`cat` to /dev/null) measured in the same run.
+
+    python benchmarks/convert_memory.py                          # 1.1B-shaped (16 x 2048), 2GB vs 200MB shards
+    python benchmarks/convert_memory.py --shape 7b --shards 2GB  # 32 x 4096, ~13 GB of bf16 shards
+    KVSLIM_CODE=/path/to/other/checkout python benchmarks/convert_memory.py   # another kvslim, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gqa_conversion import machine, machine_line, save_results  # noqa: E402
+
+SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
+    "1b": (16, 2048, 5632, 32, 32, 32000),
+    "7b": (32, 4096, 11008, 32, 32, 32000),
+}
+
+
+def write_checkpoint(path: Path, shape: str, shard_bytes: int) -> int:
+    """A random bf16 Llama checkpoint (config + sharded safetensors), one tensor in memory at a time."""
+    import torch
+    from transformers import LlamaConfig
+
+    from kvslim.convert.writer import ShardedWriter
+
+    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    path.mkdir(parents=True)
+    config.save_pretrained(str(path))
+    writer = ShardedWriter(path, shard_bytes)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*s):
+        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
+
+    hd = hidden // heads
+    writer.add("model.embed_tokens.weight", rand(vocab, hidden))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, s in [("self_attn.q_proj", (heads * hd, hidden)), ("self_attn.k_proj", (kv * hd, hidden)),
+                        ("self_attn.v_proj", (kv * hd, hidden)), ("self_attn.o_proj", (hidden, heads * hd)),
+                        ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
+                        ("mlp.down_proj", (hidden, inter))]:
+            writer.add(p + name + ".weight", rand(*s))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            writer.add(p + norm + ".weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("lm_head.weight", rand(vocab, hidden))
+    writer.close()
+    return writer.total_bytes
+
+
+def _status_kib(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def measured(cmd: list[str], env: dict) -> dict:
+    """Run `cmd`, sampling its RSS; peak values in MiB and the wall time."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"VmRSS": 0, "RssAnon": 0}
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                for k, v in _status_kib(proc.pid).items():
+                    peak[k] = max(peak[k], v)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_anon_mib": round(peak["RssAnon"] / 1024),
+            "peak_rss_mib": round(peak["VmRSS"] / 1024)}
+
+
+def markdown(result: dict) -> str:
+    size = result["checkpoint_bytes"] / 1024**3
+    lines = [f"# Weight-only conversion memory: synthetic {result['shape']} Llama ({size:.2f} GiB of bf16 shards)", "",
+             f"`kvslim convert --to gqa --kv-heads {result['kv_heads']} --method mean`, each setting in its own "
+             "process, side by side in one run. Peak anonymous RSS excludes the mmap'd source pages; "
+             f"reading the shards once (`cat`) took {result['cat_s']:.1f} s.", "",
+             "| code | --max-shard-size | peak RssAnon | peak RSS | wall time | time / cat |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['code']} | {r['shards']} | {r['peak_rss_anon_mib']:,} MiB | {r['peak_rss_mib']:,} MiB "
+                     f"| {r['wall_s']:.1f} s | x{r['wall_s'] / max(result['cat_s'], 1e-9):.1f} |")
+    layer = result["layer_bytes"] / 1024**2
+    lines += ["", f"One layer's weights: {layer:,.0f} MiB.", "", machine_line(result["machine"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    parser.add_argument("--shards", nargs="+", default=["2GB", "200MB"])
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--work", default=None, help="keep the synthetic checkpoint here and reuse it")
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+    codes = {"this checkout": None}
+    if os.environ.get("KVSLIM_CODE"):
+        codes[f"other ({os.environ['KVSLIM_CODE']})"] = os.environ["KVSLIM_CODE"]
+    with tempfile.TemporaryDirectory(prefix="kvslim-mem-") as scratch:
+        work = Path(args.work or scratch)
+        src = work / f"synthetic-{args.shape}"
+        if not (src / "config.json").is_file():
+            print(f"writing a synthetic {args.shape} checkpoint to {src} ...", flush=True)
+            write_checkpoint(src, args.shape, 2 * 1024**3)
+        shards = sorted(src.glob("*.safetensors"))
+        total = sum(p.stat().st_size for p in shards)
+        started = time.perf_counter()
+        subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
+        cat_s = time.perf_counter() - started
+        rows = []
+        for code, where in codes.items():
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+            if where:  # a directory whose `kvslim` package shadows the installed one
+                env["PYTHONPATH"] = where
+            for shard in args.shards:
+                out = work / "out"
+                cmd = [sys.executable, "-m", "kvslim.cli", "convert", str(src), "-o", str(out), "--to", "gqa",
+                       "--kv-heads", str(args.kv_heads), "--method", "mean", "--max-shard-size", shard]
+                row = {"code": code, "shards": shard, **measured(cmd, env)}
+                print(row, flush=True)
+                rows.append(row)
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+    layers, hidden, inter, heads, kv, _ = SHAPES[args.shape]
+    layer_bytes = 2 * (2 * hidden * hidden + 2 * hidden * (hidden // heads) * kv + 3 * hidden * inter)
+    result = {"machine": machine(), "shape": args.shape, "checkpoint_bytes": total, "layer_bytes": layer_bytes,
+              "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "rows": rows}
+    print(save_results(args.name or f"convert_memory_{args.shape}", result, markdown))
+
+
+if __name__ == "__main__":
+    main()
