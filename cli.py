@@ -191,7 +191,8 @@ def uptrain(
     checkpoint (the settings must match it; a resume with others is refused). --overwrite starts fresh.
     After a finished run only the last checkpoint is kept unless --keep-checkpoints."""
     from .convert import ConversionError
-    from .recipes.uptrain import UptrainConfig, parse_overrides, run as run_recipe
+    from .recipes.uptrain import UptrainConfig, parse_overrides
+    from .recipes.uptrain import run as run_recipe
 
     extra = [a for a in ctx.args if "=" not in a]
     if extra:

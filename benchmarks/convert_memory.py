@@ -15,7 +15,6 @@ shards once (`cat` to /dev/null) measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

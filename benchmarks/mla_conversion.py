@@ -18,8 +18,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import (CONVERT_CHILD, EVAL_CHILD, child, figure, gutenberg_spec, machine,  # noqa: E402
-                            machine_line, save_results, smollm2_spec)
+from gqa_conversion import (  # noqa: E402
+    CONVERT_CHILD,
+    EVAL_CHILD,
+    child,
+    figure,
+    gutenberg_spec,
+    machine,
+    machine_line,
+    save_results,
+    smollm2_spec,
+)
 
 # Published converters run with their own code on these fixtures (issue 7), no training.
 PEERS = {

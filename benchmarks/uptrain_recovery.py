@@ -20,8 +20,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gqa_conversion import (CONVERT_CHILD, RESULTS, child, figure, gutenberg_books, gutenberg_spec, machine,  # noqa: E402
-                            machine_line, smollm2_spec)
+from gqa_conversion import (  # noqa: E402
+    CONVERT_CHILD,
+    RESULTS,
+    child,
+    figure,
+    gutenberg_books,
+    gutenberg_spec,
+    machine,
+    machine_line,
+    smollm2_spec,
+)
 
 UPTRAIN_CHILD = r"""
 import json, sys, time

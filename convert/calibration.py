@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import logging
 from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache

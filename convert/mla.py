@@ -46,8 +46,16 @@ import torch
 
 from .adapters import AttentionLayout
 from .errors import ConversionError
-from .gqa import AttentionWeights, _from_complex, _sym_sqrt, _to_complex, head_views, pair_indices
-from .gqa import merge_keys_aware, query_energy
+from .gqa import (
+    AttentionWeights,
+    _from_complex,
+    _sym_sqrt,
+    _to_complex,
+    head_views,
+    merge_keys_aware,
+    pair_indices,
+    query_energy,
+)
 
 INITS = ("whitened", "pca", "svd")
 ROPE_STRATEGIES = ("rotate", "partial")

@@ -14,8 +14,19 @@ from tqdm.auto import tqdm
 from .adapters import AttentionAdapter, text_config
 from .calibration import LayerwiseRunner, calibration_windows, meta_model
 from .errors import ConversionError
-from .mla import INITS, ROPE_STRATEGIES, MLAShape, check_rank, check_shape, convert_attention_mla, max_latent_rank
-from .mla import rope_progression, rotation_keep_factor, shape_for_budget, shared_rope_key
+from .mla import (
+    INITS,
+    ROPE_STRATEGIES,
+    MLAShape,
+    check_rank,
+    check_shape,
+    convert_attention_mla,
+    max_latent_rank,
+    rope_progression,
+    rotation_keep_factor,
+    shape_for_budget,
+    shared_rope_key,
+)
 from .sources import CheckpointSource
 
 # Source architectures whose non-attention blocks DeepseekV3 reproduces exactly (SwiGLU MLP,
@@ -88,6 +99,7 @@ def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], que
         attention_dropout=getattr(text, "attention_dropout", 0.0), tie_word_embeddings=text.tie_word_embeddings,
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=getattr(text, "pad_token_id", None),
         initializer_range=getattr(text, "initializer_range", 0.02),
+        architectures=["DeepseekV3ForCausalLM"],  # tools that dispatch on it (vLLM, TGI, the Hub) see a causal LM
     )
 
 
@@ -108,7 +120,6 @@ def convert_mla(src: CheckpointSource, adapter: AttentionAdapter, layout, out, w
         raise ConversionError(f"Unknown --mla-init '{init}'; valid: {', '.join(INITS)}.")
     if rope_strategy not in ROPE_STRATEGIES:
         raise ConversionError(f"Unknown --rope-strategy '{rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
-    hidden = layout.hidden_size
     shape = choose_shape(kv_budget, kv_rank, rope_dim, layout)
     if adapter.rope(src.config) != adapter.rope_layout:
         raise ConversionError(

@@ -325,7 +325,8 @@ def _refuse_other_targets_options(to: str, **given) -> None:
     wrong = [flag for name, flag in foreign.items() if given.get(name) is not None]
     if wrong:
         own = GQA_OPTIONS if to != "mla" else MLA_OPTIONS
-        raise ConversionError(f"{', '.join(wrong)} do(es) not apply to --to {to}; --to {to} takes "
+        verb = "does" if len(wrong) == 1 else "do"
+        raise ConversionError(f"{', '.join(wrong)} {verb} not apply to --to {to}; --to {to} takes "
                               f"{', '.join(own.values())} (and the calibration and refinement options).")
 
 

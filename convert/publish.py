@@ -253,9 +253,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
          commit_message: str | None = None, base_model: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` with its model card. Returns the commit URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
-    from huggingface_hub.errors import HFValidationError
 
     folder = Path(folder)
     if not folder.is_dir():

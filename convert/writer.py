@@ -19,7 +19,6 @@ import torch
 
 from .errors import ConversionError
 
-
 OWNER_FILE = ".kvslim-owner"  # in a temporary directory while it is written: the writing process's id
 STALE_AFTER_S = 3600  # a temporary directory of kvslim's without an owner file, untouched this long, is stale
 

@@ -7,7 +7,15 @@ __all__ = ["ModelSummary", "PerplexityResult", "describe", "evaluate_perplexity"
 from .mmca import MMCACache, SimpleMMCA  # noqa: E402
 
 __all__ += ["MMCACache", "SimpleMMCA"]
-from .attention import IMPLEMENTATION, AbsorbedMLAAttention, choose_backend, disable, enable, kvslim_sdpa_attention, register  # noqa: E402
+from .attention import (  # noqa: E402
+    IMPLEMENTATION,
+    AbsorbedMLAAttention,
+    choose_backend,
+    disable,
+    enable,
+    kvslim_sdpa_attention,
+    register,
+)
 
 register()
 __all__ += ["IMPLEMENTATION", "AbsorbedMLAAttention", "choose_backend", "disable", "enable", "kvslim_sdpa_attention", "register"]

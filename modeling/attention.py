@@ -85,7 +85,8 @@ def _deepseek_attention_class():
 
 def _rope(module, q_rot, k_rot, cos, sin):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-        apply_rotary_pos_emb, apply_rotary_pos_emb_interleave,
+        apply_rotary_pos_emb,
+        apply_rotary_pos_emb_interleave,
     )
 
     if module.config.rope_interleave:

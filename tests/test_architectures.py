@@ -435,8 +435,9 @@ def test_phi3_to_deepseek_mla(save_model, tmp_path, text_file):
 def test_moe_calibrated_gqa_keeps_every_expert(arch, save_model, tmp_path, text_file):
     """MoE checkpoints hold one tensor per expert where the modules fuse them; calibration loads
     those through Transformers, and the output keeps every non-attention tensor unchanged."""
-    from conftest import make_model
     from safetensors.torch import load_file
+
+    from conftest import make_model
 
     src = save_model(make_model(arch, 8, 4), arch)
     record = kvslim.convert(str(src), tmp_path / "gqa", to="gqa", kv_heads=2, calib_data=str(text_file),

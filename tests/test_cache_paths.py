@@ -18,11 +18,12 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model
-from test_architectures import IDS, gpt2, greedy_without_cache, load, neox, opt, phi3
 
 import kvslim
 from kvslim.compat import cache_argument, output_cache
+
+from conftest import make_model
+from test_architectures import IDS, gpt2, greedy_without_cache, load, neox, opt, phi3
 
 STEPS = 6
 FAST = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
@@ -151,3 +152,11 @@ def test_hosted_checkpoints_generate_in_a_fresh_interpreter_without_kvslim(conve
         assert result["equal"], (arch, to, result)  # cached tokens == uncached tokens
         assert result["cached"] == IDS.shape[1] + STEPS - 1, (arch, to, result)
         assert result["empty_values"] == (to == "mla"), (arch, to, result)
+
+
+def test_every_mla_output_names_its_architecture(converted):
+    """Tools that dispatch on `architectures` (vLLM, TGI, the Hub's widgets) must see a causal LM."""
+    for (arch, to), (path, _) in converted.items():
+        if to == "mla":
+            config = json.loads((path / "config.json").read_text())
+            assert config.get("architectures", [""])[0].endswith("ForCausalLM"), (arch, config.get("architectures"))

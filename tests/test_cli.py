@@ -6,10 +6,11 @@ import errno
 import json
 
 import pytest
-from conftest import load, make_model
 from typer.testing import CliRunner
 
 from kvslim.cli import app
+
+from conftest import load, make_model
 
 runner = CliRunner()
 FAST = ["--calib-samples", "8", "--calib-seq-len", "32", "--refine-steps", "5"]
@@ -320,9 +321,9 @@ def test_cuda_without_a_gpu_and_unknown_devices(src, tmp_path):
 
 def test_options_of_the_other_target_and_out_of_range_values_are_refused(src, tmp_path):
     out = tmp_path / "out"
-    for args, message in [(["--to", "gqa", "--kv-heads", "2", "--kv-rank", "8"], "--kv-rank do(es) not apply to --to gqa"),
-                          (["--to", "mqa", "--kv-budget", "0.5"], "--kv-budget do(es) not apply to --to mqa"),
-                          (["--to", "mla", "--kv-budget", "0.5", "--method", "mean"], "--method do(es) not apply"),
+    for args, message in [(["--to", "gqa", "--kv-heads", "2", "--kv-rank", "8"], "--kv-rank does not apply to --to gqa"),
+                          (["--to", "mqa", "--kv-budget", "0.5"], "--kv-budget does not apply to --to mqa"),
+                          (["--to", "mla", "--kv-budget", "0.5", "--method", "mean"], "--method does not apply"),
                           (["--to", "mla", "--kv-budget", "0.5", "--no-regroup"], "--regroup/--no-regroup"),
                           (["--to", "mqa", "--refine-steps", "-5"], "--refine-steps -5 is negative")]:
         assert_refused(run("convert", src, "-o", out, *args), message, out=out)

@@ -10,12 +10,13 @@ import json
 
 import pytest
 import torch
-from conftest import load, logits, make_model
 from test_gqa_math import IDS
 
 import kvslim
 import kvslim.modeling as km
 from kvslim.recipes.uptrain import UptrainConfig, run
+
+from conftest import load, logits, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
-from test_architectures import CALIB, IDS, fresh_interpreter_outputs, greedy_without_cache, load, neox, outputs
 
 import kvslim
+
+from conftest import make_model
+from test_architectures import CALIB, IDS, fresh_interpreter_outputs, greedy_without_cache, load, neox, outputs
 
 
 def neox_shared_rotary_keys(rotary_pct=0.5):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import load, logits, make_model
 from test_gqa_math import IDS, convert_in_memory, disguise
 from typer.testing import CliRunner
 
@@ -14,6 +13,8 @@ import kvslim
 from kvslim.cli import app
 from kvslim.convert import ConversionError, get_adapter
 from kvslim.convert.mla import MLAShape, shape_for_budget
+
+from conftest import load, logits, make_model
 
 CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
 

@@ -136,9 +136,9 @@ def test_user_readme_is_kept(converted, tmp_path):
 
 
 def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
-    from test_architectures import gpt2
-
     from kvslim.convert.publish import render_card
+
+    from test_architectures import gpt2
 
     src = save_model(gpt2(), "gpt2")
     out = tmp_path / "mla"

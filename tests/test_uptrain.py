@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import load, make_model
 
 from kvslim.recipes import uptrain as recipe
 from kvslim.recipes.data import collate, pack_documents
 from kvslim.recipes.uptrain import UptrainConfig, UptrainError
 
+from conftest import load, make_model
 
 
 @pytest.fixture

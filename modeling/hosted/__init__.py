@@ -15,8 +15,16 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import (modeling_kvslim_bert, modeling_kvslim_gemma, modeling_kvslim_gpt2, modeling_kvslim_gpt_neox,
-               modeling_kvslim_moe, modeling_kvslim_opt, modeling_kvslim_phi3, modeling_kvslim_qwen3)
+from . import (
+    modeling_kvslim_bert,
+    modeling_kvslim_gemma,
+    modeling_kvslim_gpt2,
+    modeling_kvslim_gpt_neox,
+    modeling_kvslim_moe,
+    modeling_kvslim_opt,
+    modeling_kvslim_phi3,
+    modeling_kvslim_qwen3,
+)
 
 HERE = Path(__file__).resolve().parent
 # name -> (module, config class, {auto class: model class})

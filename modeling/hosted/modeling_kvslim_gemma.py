@@ -13,8 +13,17 @@ converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` 
 
 from __future__ import annotations
 
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2Model, Gemma3ForCausalLM, Gemma3TextConfig,
-                          Gemma3TextModel, GemmaConfig, GemmaForCausalLM, GemmaModel)
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2Model,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3TextModel,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GemmaModel,
+)
 
 from .kvslim_attention import latent_rope_config, use_latent_rope_attention
 

@@ -14,8 +14,17 @@ converted checkpoints (`auto_map`), so those load with `trust_remote_code=True` 
 
 from __future__ import annotations
 
-from transformers import (MixtralConfig, MixtralForCausalLM, MixtralModel, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-                          Qwen2MoeModel, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3MoeModel)
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    MixtralModel,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen2MoeModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Qwen3MoeModel,
+)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .kvslim_attention import latent_rope_config, use_latent_rope_attention
