@@ -146,13 +146,27 @@ class _ShardFile:
         self.nbytes += size
 
     def finish(self) -> None:
+        """Write the header, then the data of every entry. A name added twice keeps its last tensor
+        (as a dict would); the bytes of the earlier one are left out, so the data has no holes."""
         self.data.close()
+        where, offset = {}, 0
+        for name, entry in sorted(self.entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = entry["data_offsets"]
+            where[name] = (start, end)
+            entry["data_offsets"] = [offset, offset + end - start]
+            offset += end - start
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
-            shutil.copyfileobj(data, out, 64 * 1024**2)
+            for start, end in sorted(where.values()):
+                data.seek(start)
+                left = end - start
+                while left:
+                    chunk = data.read(min(left, 64 * 1024**2))
+                    out.write(chunk)
+                    left -= len(chunk)
         self.data_path.unlink()
 
 

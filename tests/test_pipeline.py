@@ -145,3 +145,17 @@ def test_streamed_shards_are_valid_safetensors_for_every_dtype(tmp_path):
     for name, t in tensors.items():
         same = torch.equal(seen[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
         assert seen[name].dtype == t.dtype and seen[name].shape == t.shape and same, name
+
+
+def test_a_name_written_twice_keeps_its_last_tensor(tmp_path):
+    from safetensors.torch import load_file
+
+    from kvslim.convert.writer import ShardedWriter
+
+    writer = ShardedWriter(tmp_path)
+    writer.add("a", torch.zeros(3))
+    writer.add("b", torch.ones(2))
+    writer.add("a", torch.full((4,), 7.0))  # a later value for the same tensor replaces the first
+    writer.close()
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(got["a"], torch.full((4,), 7.0)) and torch.equal(got["b"], torch.ones(2))
