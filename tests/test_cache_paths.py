@@ -21,6 +21,7 @@ import torch
 
 import kvslim
 from kvslim.compat import cache_argument, output_cache
+from kvslim.convert.publish import CAUSAL_LM_CLASSES
 
 from conftest import make_model
 from test_architectures import IDS, gpt2, greedy_without_cache, load, neox, opt, phi3
@@ -159,4 +160,4 @@ def test_every_mla_output_names_its_architecture(converted):
     for (arch, to), (path, _) in converted.items():
         if to == "mla":
             config = json.loads((path / "config.json").read_text())
-            assert config.get("architectures", [""])[0].endswith("ForCausalLM"), (arch, config.get("architectures"))
+            assert config.get("architectures", [""])[0].endswith(CAUSAL_LM_CLASSES), (arch, config.get("architectures"))

@@ -145,7 +145,9 @@ def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
     kvslim_convert = __import__("kvslim").convert
     kvslim_convert(str(src), str(out), to="mla", kv_budget=0.25, calib_data=str(text_file), calib_samples=8,
                    calib_seq_len=32, progress=False)
-    text = render_card(out, "me/gpt2-mla").content
+    card = render_card(out, "me/gpt2-mla")
+    assert card.data.pipeline_tag == "text-generation"  # GPT-2's causal LM class is an LMHeadModel
+    text = card.content
     assert "latent of rank 32" in text and "trust_remote_code=True" in text and "| source | 1.0 KiB |" in text
     assert "RoPE frequencies kept" not in text and "http" not in text.split("---")[2]
 
