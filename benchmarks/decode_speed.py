@@ -26,6 +26,7 @@ MEASURE_CHILD = r"""
 import json, resource, sys, time
 import torch
 import kvslim.modeling as km
+from kvslim.compat import cache_argument
 from transformers import AutoModelForCausalLM, DynamicCache
 path, impl, mode, batch, contexts, steps, chunk, device, dtype = sys.argv[1:10]
 batch, contexts, steps, chunk = int(batch), json.loads(contexts), int(steps), int(chunk)
@@ -38,6 +39,7 @@ if mode != "off":  # kvslim's attention: mode is the backend for the non-MLA lay
 summary = km.describe(model.config)
 per_token = summary.kv_elements_per_token_per_layer * summary.num_layers * torch.tensor([], dtype=dtype).element_size()
 vocab = model.config.vocab_size
+cache_kw = cache_argument(model)  # `cache` since Transformers 5.24, `past_key_values` before
 
 
 def sync():
@@ -47,13 +49,13 @@ def sync():
 
 def fill(ids, cache):
     for s in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, s:s + chunk], use_cache=True, **{cache_kw: cache})
     return out
 
 
 def greedy(nxt, cache, n):
     for _ in range(n):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        nxt = model(input_ids=nxt, use_cache=True, **{cache_kw: cache}).logits[:, -1:].argmax(-1)
     return nxt
 
 

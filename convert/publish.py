@@ -62,8 +62,8 @@ def _attention_line(record: dict) -> str:
     return f"{kind}: {record['num_heads']} query heads, {plural(record['kv_heads_after'], 'KV head')}"
 
 
-def recipe_rows(record: dict) -> list[tuple[str, str]]:
-    rows = [("source", f"{source_label(record['source'], hub_id_of(record['source'], {}))} ({record['architecture']})"),
+def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]]:
+    rows = [("source", f"{source_label(record['source'], hub_id)} ({record['architecture']})"),
             ("target", _attention_line(record)),
             ("KV heads", f"{record['kv_heads_before']} -> {record['kv_heads_after']}")]
     if record.get("mla"):
@@ -131,7 +131,7 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
         lines += [f"{source_label(record['source'], base)} converted by kvslim to {_attention_line(record)}"
                   + (", then uptrained to recover quality." if uptrain else ", with no training."), "",
                   "## Conversion recipe", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in recipe_rows(record)]
+        lines += [f"| {k} | {v} |" for k, v in recipe_rows(record, base)]
         before, after = record["kv_bytes_per_token_before"], record["kv_bytes_per_token_after"]
         lines += ["", "## KV cache", "", "| | per token | at 4K tokens | at 32K tokens |", "|---|---|---|---|",
                   f"| source | {human_bytes(before)} | {human_bytes(before * 4096)} | {human_bytes(before * 32768)} |",

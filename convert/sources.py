@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..compat import http_errors
 from .errors import ConversionError
+from .writer import SAFETENSORS_DTYPES
 
 # Files copied from a source directory unchanged: tokenizer, chat template, processor files.
 _PASSTHROUGH = re.compile(
@@ -79,11 +80,7 @@ class SafetensorsReader:
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+_SAFETENSORS_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # header code -> dtype
 
 
 class DictReader:

@@ -62,16 +62,12 @@ class AtomicDirectory:
                 "in a directory you can write to."
             )
 
-    def remove_stale(self) -> list[Path]:
+    def remove_stale(self) -> None:
         """Remove what killed runs left beside the target: kvslim's own hidden temporary directories
         whose writing process is gone."""
-        removed = []
         for path in self.target.parent.glob(f".{glob.escape(self.target.name)}.kvslim-*-*"):
-            if path == self.tmp or not path.is_dir() or not _stale(path):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        return removed
+            if path != self.tmp and path.is_dir() and _stale(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     def __enter__(self) -> Path:
         self.check()

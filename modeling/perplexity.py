@@ -141,7 +141,8 @@ def evaluate_perplexity(
     texts = [t for s in specs for t in read_texts(s, role="Evaluation data")]
     model, tokenizer = load_causal_lm(model_spec)
     limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and window > limit:
+    past_context = isinstance(limit, int) and window > limit
+    if past_context:
         log.warning("kvslim: --window %d is longer than the model's context (%d positions); positions past it "
                     "are extrapolated and the perplexity is not comparable to in-context numbers.", window, limit)
     ids = tokenize_corpus(texts, tokenizer, max_tokens)
@@ -149,6 +150,8 @@ def evaluate_perplexity(
     try:
         result = perplexity(model, ids, window, stride, bos, batch_size, progress)
     except IndexError:  # learned position tables (GPT-2, OPT) end at the context
+        if not past_context:
+            raise
         raise ConversionError(f"--window {window} is longer than this model can read ({limit} positions); "
                               f"use --window {limit} or less.") from None
     summary = describe(model.config, model_spec)

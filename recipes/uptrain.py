@@ -95,7 +95,7 @@ class UptrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse values out of range, naming the setting (YAML, --set and the Python API alike)."""
-        at_least_one = ("seq_len", "micro_batch", "grad_accum", "eval_every", "eval_rows", "checkpoint_every",
+        at_least_one = ("micro_batch", "grad_accum", "eval_every", "eval_rows", "checkpoint_every",
                         "log_every", "lora_r")
         for name in at_least_one:
             if getattr(self, name) < 1:
