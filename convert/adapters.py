@@ -37,6 +37,11 @@ class AttentionAdapter:
     shared by all heads, which limits what can be folded into q. `hosted` names the kvslim model
     class for architectures whose Transformers class ignores `num_key_value_heads`.
 
+    MLA output: `deepseek_mla` marks architectures whose blocks DeepseekV3 reproduces exactly
+    (SwiGLU MLP, RMSNorm with weight, plain embeddings, no per-head q/k norm), written as
+    DeepseekV3 when RoPE covers the whole head; `hosted_mla` marks those for which kvslim hosts a
+    latent-attention class of the same name as the model type (used otherwise).
+
     The default reads separate q/k/v/o nn.Linear projections; subclasses override `read` and
     `write` for fused layouts.
     """
@@ -58,6 +63,11 @@ class AttentionAdapter:
     kv_heads_key: str = "num_key_value_heads"
     model_kind: str = "causal"  # "causal" (AutoModelForCausalLM) or "base" (AutoModel: encoders)
     hosted: str | None = None
+    deepseek_mla: bool = False
+    hosted_mla: bool = False
+    def mla_hosted_class(self, model_type: str) -> str | None:
+        """The kvslim-hosted class an MLA conversion of `model_type` writes, if any."""
+        return self.hosted or (model_type if self.hosted_mla else None)
 
     def layout(self, config: Any) -> AttentionLayout:
         text = text_config(config)
@@ -334,12 +344,16 @@ def get_adapter(model_type: str) -> AttentionAdapter:
 
 # Llama-style attention: separate q/k/v/o projections, rotate-half RoPE. Biases (Qwen2) are
 # picked up from the checkpoint itself, so one adapter covers with- and without-bias variants.
-register_adapter(AttentionAdapter("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe")))
-register_adapter(AttentionAdapter("gemma", ("gemma", "gemma2")))
+register_adapter(AttentionAdapter("llama", ("llama", "mistral", "qwen2"), deepseek_mla=True))
+# MoE with softmax routers (and Qwen2-MoE's shared expert) that DeepseekV3's MoE cannot express
+register_adapter(AttentionAdapter("llama_moe", ("mixtral", "qwen2_moe"), hosted_mla=True))
+# GeGLU, soft-capping, (1 + weight) norms: MLA keeps the class
+register_adapter(AttentionAdapter("gemma", ("gemma", "gemma2"), hosted_mla=True))
 # Per-head q/k RMSNorm before RoPE.
-register_adapter(AttentionAdapter("qwen3", ("qwen3", "qwen3_moe"), qk_norm=True))
-register_adapter(AttentionAdapter("gemma3", ("gemma3_text",), qk_norm=True, qk_norm_offset=1.0))
-register_adapter(Phi3Adapter("phi3", ("phi3",)))
+register_adapter(AttentionAdapter("qwen3", ("qwen3", "qwen3_moe"), qk_norm=True, hosted_mla=True))
+register_adapter(AttentionAdapter("gemma3", ("gemma3_text",), qk_norm=True, qk_norm_offset=1.0, hosted_mla=True))
+# DeepseekV3 with RoPE on the whole head; the hosted class for partial rotary
+register_adapter(Phi3Adapter("phi3", ("phi3",), deepseek_mla=True, hosted_mla=True))
 # Transformers' classes ignore num_key_value_heads here: the output uses kvslim's hosted class.
 register_adapter(GPT2Adapter("gpt2", ("gpt2",)))
 register_adapter(GPTNeoXAdapter("gpt_neox", ("gpt_neox",)))

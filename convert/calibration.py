@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,75 +20,10 @@ from transformers.cache_utils import Cache
 
 from .errors import ConversionError
 from .sources import CheckpointSource
+from .text import read_texts
 
 log = logging.getLogger("kvslim")
 DEFAULT_CALIB_DATASET = "Salesforce/wikitext:wikitext-2-raw-v1:train"
-_TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".raw"}
-
-
-def read_texts(spec: str, max_chars: int | None = None, role: str = "Calibration data") -> list[str]:
-    """Documents from a local file/directory (txt, jsonl/json with a "text" field, parquet) or a
-    datasets id written as ``name[:config[:split]]``. `role` names the data in messages."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        docs: list[str] = []
-        chars = 0
-        for f in files:
-            new = _read_file(f)
-            docs.extend(new)
-            chars += sum(len(d) for d in new)
-            if max_chars and chars >= max_chars:
-                break
-        if not docs:
-            raise ConversionError(f"{role} '{spec}' contains no readable text files.")
-        return docs
-    if spec.startswith((".", "/", "~")) or spec.endswith(tuple(_TEXT_SUFFIXES | {".json", ".jsonl", ".parquet"})):
-        raise ConversionError(f"{role} '{spec}' does not exist.")
-    return _read_dataset(spec)
-
-
-def _read_file(path: Path) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix in _TEXT_SUFFIXES:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        _warn_if_not_text(path, text)
-        return [text]
-    if suffix in {".json", ".jsonl", ".parquet"}:
-        import datasets
-
-        kind = "parquet" if suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        if "text" not in ds.column_names:
-            raise ConversionError(f"'{path}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
-        return [t for t in ds["text"] if t]
-    return []
-
-
-NOT_TEXT_WARNING = 0.05  # share of undecodable or control characters above which a file is called binary
-
-
-def _warn_if_not_text(path: Path, text: str) -> None:
-    sample = text[:100_000]  # binary data is binary throughout; a sample keeps large corpora cheap
-    bad = sum(1 for c in sample if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
-    if sample and bad / len(sample) > NOT_TEXT_WARNING:
-        log.warning("kvslim: '%s' is mostly not text (%.0f%% undecodable or control characters); statistics "
-                    "measured on it will not describe real inputs. Pass plain UTF-8 text.", path, 100 * bad / len(sample))
-
-
-def _read_dataset(spec: str) -> list[str]:
-    import datasets
-
-    name, config, split = (spec.split(":") + [None, None])[:3]
-    try:
-        ds = datasets.load_dataset(name, config, split=split or "train")
-    except Exception as exc:  # datasets raises many types (connection, not found, offline)
-        raise ConversionError(
-            f"Cannot load calibration dataset '{spec}' ({type(exc).__name__}: {exc}). Pass a local "
-            "text/JSONL/parquet file or directory with --calib-data, or use --method mean (no calibration)."
-        ) from None
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return [t for t in ds[column] if isinstance(t, str) and t.strip()]
 
 
 def start_token(tokenizer) -> int | None:
@@ -181,7 +115,9 @@ def meta_model(config, kind: str = "causal") -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
-    import kvslim.modeling  # noqa: F401  (registers kvslim's hosted model classes)
+    from ..modeling.hosted import register_for
+
+    register_for(config.model_type)  # a kvslim-hosted output class
 
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     with init_empty_weights(include_buffers=False):

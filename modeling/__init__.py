@@ -1,24 +1,33 @@
-"""Running converted models: attention summaries (KV cache cost) and perplexity evaluation."""
+"""What converted models run on: kvslim's attention kernels (`kvslim_sdpa`, absorbed MLA
+decoding), the multimodal cross-attention layer, and the hosted model classes (modeling/hosted/).
 
-from .perplexity import PerplexityResult, evaluate_perplexity, load_causal_lm, perplexity
-from .summary import ModelSummary, describe, inspect
+This package imports nothing from the rest of kvslim, and nothing heavy on import: its names
+load on first use (PEP 562), and `register()` registers the attention and the hosted classes
+with Transformers when a caller needs them.
+"""
 
-__all__ = ["ModelSummary", "PerplexityResult", "describe", "evaluate_perplexity", "inspect", "load_causal_lm", "perplexity"]
-from .mmca import MMCACache, SimpleMMCA  # noqa: E402
+from __future__ import annotations
 
-__all__ += ["MMCACache", "SimpleMMCA"]
-from .attention import (  # noqa: E402
-    IMPLEMENTATION,
-    AbsorbedMLAAttention,
-    choose_backend,
-    disable,
-    enable,
-    kvslim_sdpa_attention,
-    register,
-)
+import importlib
 
-register()
-__all__ += ["IMPLEMENTATION", "AbsorbedMLAAttention", "choose_backend", "disable", "enable", "kvslim_sdpa_attention", "register"]
-from .hosted import register as _register_hosted  # noqa: E402
+_LAZY = {
+    "MMCACache": "mmca", "SimpleMMCA": "mmca",
+    "IMPLEMENTATION": "attention", "AbsorbedMLAAttention": "attention", "choose_backend": "attention",
+    "disable": "attention", "enable": "attention", "kvslim_sdpa_attention": "attention",
+}
+__all__ = [*_LAZY, "register"]
 
-_register_hosted()
+
+def register() -> None:
+    """Register `kvslim_sdpa` (AttentionInterface and AttentionMaskInterface) and every hosted
+    class with the Auto classes; idempotent."""
+    from . import attention, hosted
+
+    attention.register()
+    hosted.register()
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ K/V use ``kv_heads`` grouped heads; attention runs through ``scaled_dot_product_
 native GQA, so repeated K/V are never materialised (and FlashAttention kernels are used on GPUs
 where SDPA picks them). Optional RoPE (``rope_theta``) numbers the image tokens first and the text
 after them, as in a vision-language decoder's sequence, so a pretrained decoder attention layer can
-be converted into this one with :meth:`SimpleMMCA.from_attention`.
+be converted into this one with `kvslim.convert.mmca.mmca_from_attention`.
 
 ``SimpleMMCA(dim, heads, kv_heads=2, dropout=0.1, causal=True, qk_norm=False, flash=False)`` and
 ``forward(v, t) -> (visual_out, text_out)`` take the arguments of the ``mmca_mgqa`` package's class
@@ -223,39 +223,3 @@ class SimpleMMCA(nn.Module):
         s_tv = (tq @ vk.transpose(-1, -2) * self.scale).masked_fill(~vkeep[:, None, None, :], float("-inf")).softmax(-1)
         w = self.image_weight * vkeep.any(-1).float()[:, None, None, None]
         return w * torch.nan_to_num(s_tv), (1 - w) * torch.nan_to_num(s_tt)
-
-    # -- initialisation from a pretrained layer --------------------------------------------------
-
-    @classmethod
-    def from_attention(cls, attention: nn.Module, kv_heads: int, method: str = "mean",
-                       cov: torch.Tensor | None = None, **kwargs) -> "SimpleMMCA":
-        """An MMCA-GQA layer from a pretrained decoder attention (Llama-family q/k/v/o_proj), its
-        KV heads merged by kvslim's converter (`method`: "mean" or "aware" with an input
-        second-moment `cov` from calibration data, see kvslim.convert.gqa)."""
-        from ..convert.adapters import AttentionLayout
-        from ..convert.gqa import AttentionWeights, convert_attention
-
-        q, k, vp, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
-        config = getattr(attention, "config", None)
-        head_dim = getattr(attention, "head_dim", None) or q.out_features // config.num_attention_heads
-        heads = q.out_features // head_dim
-        layout = AttentionLayout(1, heads, k.out_features // head_dim, head_dim, q.in_features)
-        weights = AttentionWeights(q.weight.detach(), k.weight.detach(), vp.weight.detach(), o.weight.detach(),
-                                   q.bias, k.bias, vp.bias)
-        new = convert_attention(weights, layout, kv_heads, method, cov=cov)
-        rope = None
-        if config is not None and getattr(config, "rope_parameters", None):
-            rope = config.rope_parameters.get("rope_theta")
-        kwargs.setdefault("rope_theta", rope)
-        kwargs.setdefault("dropout", 0.0)
-        layer = cls(q.in_features, heads, kv_heads, head_dim=head_dim, bias=q.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.q_proj.weight.copy_(new.q_w)
-            layer.k_proj.weight.copy_(new.k_w)
-            layer.v_proj.weight.copy_(new.v_w)
-            layer.o_proj.weight.copy_(new.o_w)
-            if q.bias is not None:
-                layer.q_proj.bias.copy_(new.q_b)
-                layer.k_proj.bias.copy_(new.k_b)
-                layer.v_proj.bias.copy_(new.v_b)
-        return layer

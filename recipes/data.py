@@ -7,14 +7,12 @@ of a document is never a training target of the previous one (its label is -100)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
 from ..convert.errors import ConversionError
-
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".raw"}
+from ..convert.text import read_documents
 
 
 class UptrainError(ConversionError):
@@ -26,43 +24,9 @@ class DataError(UptrainError):
 
 
 def load_documents(specs: str | list[str], streaming: bool = False) -> Iterable[str]:
-    """Documents from local text/JSON(L)/parquet files or directories, or `datasets` ids
-    written as ``name[:config[:split]]``. With `streaming`, nothing is downloaded up front."""
-    import datasets
-
-    specs = [specs] if isinstance(specs, str) else list(specs)
-    parts = []
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            texts = [f for f in files if f.suffix.lower() in TEXT_SUFFIXES]
-            tables = [f for f in files if f.suffix.lower() in {".json", ".jsonl", ".parquet"}]
-            if not texts and not tables:
-                raise DataError(f"'{spec}' contains no .txt/.json/.jsonl/.parquet files.")
-            if texts:
-                parts.append(datasets.Dataset.from_dict({"text": [f.read_text(encoding="utf-8", errors="replace") for f in texts]}))
-            for f in tables:
-                kind = "parquet" if f.suffix.lower() == ".parquet" else "json"
-                parts.append(datasets.load_dataset(kind, data_files=str(f), split="train", streaming=streaming))
-        elif spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in TEXT_SUFFIXES | {".json", ".jsonl", ".parquet"}:
-            raise DataError(f"Training data '{spec}' does not exist.")
-        else:
-            name, config, split = (spec.split(":") + [None, None])[:3]
-            try:
-                parts.append(datasets.load_dataset(name, config, split=split or "train", streaming=streaming))
-            except Exception as exc:  # connection, offline, not found: all mean "cannot use this id"
-                raise DataError(f"Cannot load dataset '{spec}' ({type(exc).__name__}: {exc}).") from None
-
-    def documents() -> Iterator[str]:
-        for part in parts:
-            column = "text" if "text" in (part.column_names or ["text"]) else part.column_names[0]
-            for row in part:
-                text = row[column]
-                if isinstance(text, str) and text.strip():
-                    yield text
-
-    return documents() if streaming else list(documents())
+    """Training documents (see kvslim.convert.text); with `streaming`, nothing is downloaded up front."""
+    documents = read_documents(specs, role="Training data", streaming=streaming, error=DataError)
+    return documents if streaming else list(documents)
 
 
 def pack_documents(docs: Iterable[str], tokenizer, seq_len: int, max_rows: int | None = None) -> Iterator[dict]:

@@ -184,7 +184,7 @@ def lr_factor(step: int, total: int, cfg: UptrainConfig) -> float:
 
 
 def load_models(cfg: UptrainConfig):
-    from ..modeling.perplexity import load_causal_lm
+    from .perplexity import load_causal_lm
 
     for name in ("model", "output"):
         if not getattr(cfg, name):

@@ -65,6 +65,7 @@ def greedy_without_cache(model, steps: int, ids=IDS[:1]) -> torch.Tensor:
 def load(path, kind="causal", **kwargs):
     from transformers import AutoModel, AutoModelForCausalLM
 
+    kvslim.register()  # kvslim's hosted classes, as a user with kvslim installed loads them
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     return auto.from_pretrained(str(path), attn_implementation="eager", **kwargs).eval()
 

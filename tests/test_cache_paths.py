@@ -21,7 +21,7 @@ import torch
 
 import kvslim
 from kvslim.compat import cache_argument, output_cache
-from kvslim.convert.publish import CAUSAL_LM_CLASSES
+from kvslim.recipes.publish import CAUSAL_LM_CLASSES
 
 from conftest import make_model
 from test_architectures import IDS, gpt2, greedy_without_cache, load, neox, opt, phi3

@@ -54,7 +54,7 @@ def test_convert_inspect_eval(src, tmp_path, text_file):
 
 
 def test_eval_sliding_equals_non_overlapping_when_stride_is_window(src, text_file):
-    from kvslim.modeling.perplexity import load_causal_lm, perplexity, tokenize_corpus
+    from kvslim.recipes.perplexity import load_causal_lm, perplexity, tokenize_corpus
 
     model, tok = load_causal_lm(str(src))
     ids = tokenize_corpus([text_file.read_text()], tok, 31 * 4)

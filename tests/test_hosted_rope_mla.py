@@ -76,7 +76,7 @@ def test_budget_cache_holds_latent_rope_key_and_scales_and_decode_is_absorbed(ar
     assert torch.equal(out.generate(IDS[:1], max_new_tokens=6, do_sample=False), want)
     assert torch.equal(out.generate(IDS[:1], max_new_tokens=6, do_sample=False, cache_implementation="static"), want)
     if arch == "qwen3":  # the model card states the cache layout and how q/k norms were handled
-        from kvslim.convert.publish import render_card
+        from kvslim.recipes.publish import render_card
 
         text = render_card(tmp_path / "q", "me/qwen3-mla").content
         assert f"latent rank {record.mla['kv_rank']}" in text and "2 key-norm gains" in text

@@ -82,7 +82,7 @@ def test_budget_arithmetic():
 
 
 def test_default_init_beats_baselines_on_calibration(save_model, tmp_path, text_file):
-    from kvslim.modeling.perplexity import load_causal_lm, tokenize_corpus
+    from kvslim.recipes.perplexity import load_causal_lm, tokenize_corpus
 
     model = make_model("llama", 8, 8, seed=4)
     src = save_model(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvslim.convert.mmca import mmca_from_attention
 from kvslim.modeling import MMCACache, SimpleMMCA
 
 DIM, HEADS = 32, 4
@@ -175,11 +176,11 @@ def test_drop_in_signature_and_init_from_pretrained_attention():
     config = LlamaConfig(vocab_size=50, hidden_size=DIM, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=HEADS, num_key_value_heads=2, head_dim=8)
     attn = LlamaForCausalLM(config).model.layers[0].self_attn
-    same = SimpleMMCA.from_attention(attn, kv_heads=2)  # same KV heads: a pure copy
+    same = mmca_from_attention(attn, kv_heads=2)  # same KV heads: a pure copy
     v, t = inputs()
     assert same.rope_theta == 10000.0 and same.kv_heads == 2
     assert torch.equal(same.k_proj.weight, attn.k_proj.weight)
-    mqa = SimpleMMCA.from_attention(attn, kv_heads=1)
+    mqa = mmca_from_attention(attn, kv_heads=1)
     assert mqa.k_proj.weight.shape == (8, DIM) and torch.isfinite(mqa(v, t)[1]).all()
 
 
@@ -192,7 +193,7 @@ def test_pretrained_init_reproduces_the_decoder_layer_under_the_mmca_mask():
                          num_attention_heads=HEADS, num_key_value_heads=4, head_dim=8)
     model = LlamaForCausalLM(config)
     attn = model.model.layers[0].self_attn
-    layer = SimpleMMCA.from_attention(attn, kv_heads=4)
+    layer = mmca_from_attention(attn, kv_heads=4)
     v, t = inputs(b=1, nv=3, nt=6)
     no_image = torch.zeros(1, 3, dtype=torch.bool)
     _, got = layer(v, t, visual_mask=no_image)

@@ -78,7 +78,7 @@ def _rel_err(a, b) -> float:
 
 
 def test_aware_with_calibration_and_refinement_beats_mean(save_model, tmp_path, text_file):
-    from kvslim.modeling.perplexity import load_causal_lm, tokenize_corpus
+    from kvslim.recipes.perplexity import load_causal_lm, tokenize_corpus
 
     model = make_model("llama", 8, 8, seed=5)
     src = save_model(model)

@@ -136,7 +136,7 @@ def test_user_readme_is_kept(converted, tmp_path):
 
 
 def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
-    from kvslim.convert.publish import render_card
+    from kvslim.recipes.publish import render_card
 
     from test_architectures import gpt2
 
@@ -153,7 +153,7 @@ def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
 
 
 def test_card_never_publishes_a_local_path_and_finds_the_hub_id(converted, tmp_path):
-    from kvslim.convert.publish import hub_id_of, render_card
+    from kvslim.recipes.publish import hub_id_of, render_card
 
     src, out = converted
     text = render_card(out, "me/tiny").content
@@ -171,7 +171,7 @@ def test_cli_version_short_help_and_one_evaluation_default():
 
     from kvslim import __version__
     from kvslim.cli import app
-    from kvslim.modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW
+    from kvslim.recipes.perplexity import EVAL_TOKENS, EVAL_WINDOW
 
     runner = CliRunner()
     assert __version__ in runner.invoke(app, ["--version"]).output

@@ -19,7 +19,7 @@ pytestmark = [
 
 def test_gutenberg_mqa_aware_keeps_perplexity_close(tmp_path):
     import kvslim
-    from kvslim.modeling.perplexity import load_causal_lm, perplexity, tokenize_corpus
+    from kvslim.recipes.perplexity import load_causal_lm, perplexity, tokenize_corpus
 
     split = json.loads((MODEL / "split.json").read_text())
     books = SHARED / "data" / "text" / "gutenberg"

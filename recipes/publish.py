@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 from ..compat import http_errors
-from .errors import ConversionError
-from .formatting import human_bytes, plural
+from ..convert.errors import ConversionError
+from ..convert.formatting import human_bytes
+from ..convert.records import read_record
 
 CARD_FILE = "README.md"
 CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # how Transformers names causal LM classes (GPT-2: LMHeadModel)
@@ -47,19 +48,7 @@ def read_records(folder: Path) -> tuple[dict | None, dict | None, dict]:
 
 
 def _attention_line(record: dict) -> str:
-    if record.get("mla"):
-        m = record["mla"]
-        if not m["rope_dim"]:
-            return (f"multi-head latent attention: keys and values of all {record['num_heads']} heads from one cached "
-                    f"latent of rank {m['kv_rank']} (kvslim's hosted class)")
-        if not m.get("latent_anchor"):  # kvslim's hosted LatentRopeAttention (Qwen3, Gemma, GPT-NeoX)
-            scales = f" and {m['key_norm_scales']} key-norm gains" if m.get("key_norm_scales") else ""
-            return (f"multi-head latent attention: latent rank {m['kv_rank']}, a {m['rope_dim']}-dim RoPE key shared by "
-                    f"all {record['num_heads']} heads{scales} per token (kvslim's hosted class)")
-        return (f"multi-head latent attention (DeepSeek-V3 format): latent rank {m['kv_rank']} (+{m.get('latent_anchor', 0)} "
-                f"anchor) and a {m['rope_dim']}-dim RoPE key shared by all {record['num_heads']} heads")
-    kind = {1: "MQA"}.get(record["kv_heads_after"], "GQA" if record["kv_heads_after"] < record["num_heads"] else "MHA")
-    return f"{kind}: {record['num_heads']} query heads, {plural(record['kv_heads_after'], 'KV head')}"
+    return read_record(record).summary()
 
 
 def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]]:
@@ -165,7 +154,7 @@ def render_card(folder: Path, repo_id: str, evaluation: list[dict] | None = None
     if remote:
         lines += ["Transformers has no class for this attention layout, so the repository carries its modeling file "
                   "(`auto_map`); read it before enabling `trust_remote_code`. With kvslim installed, "
-                  "`import kvslim` registers the class and no remote code is needed.", ""]
+                  "`kvslim.register()` registers the class and no remote code is needed.", ""]
     if record and record.get("mla") and not remote:
         lines += ["The checkpoint is a plain `DeepseekV3ForCausalLM`. For a KV cache that holds only the latent and "
                   "absorbed decoding, `import kvslim.modeling; kvslim.modeling.enable(model)`.", ""]
@@ -191,7 +180,7 @@ def plot_recovery(uptrain: dict, path: Path) -> bool:
 
 def evaluate_for_card(folder: Path, data: list[str], window: int, max_tokens: int, source: str | None) -> list[dict]:
     """Perplexity of this model and, when it can be loaded here, of its source."""
-    from ..modeling.perplexity import EVAL_TOKENS, EVAL_WINDOW, evaluate_perplexity
+    from .perplexity import EVAL_TOKENS, EVAL_WINDOW, evaluate_perplexity
 
     window, max_tokens = window or EVAL_WINDOW, max_tokens or EVAL_TOKENS
     rows = []

@@ -37,6 +37,9 @@ def load_causal_lm(spec: str, dtype: torch.dtype = torch.float32, revision: str 
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..modeling import register
+
+    register()  # kvslim's hosted classes load without remote code
     path = Path(spec).expanduser()
     kwargs: dict = {"dtype": dtype}
     if spec.endswith(".gguf"):
@@ -129,7 +132,7 @@ def evaluate_perplexity(
     max_tokens: int | None = EVAL_TOKENS, batch_size: int = 8, progress: bool = True,
 ) -> dict:
     """CLI/API entry: perplexity and KV bytes per token of a model on text files or a dataset."""
-    from ..convert.calibration import read_texts
+    from ..convert.text import read_texts
     from .summary import describe
 
     if window < 2:

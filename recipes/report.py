@@ -161,7 +161,7 @@ data: {e(', '.join(result['data']))}; {result['windows']} windows of {result['wi
 def report(source: str, converted: str, data: list[str], output: str | Path, window: int = EVAL_WINDOW,
            max_tokens: int = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> dict:
     """Compare `converted` with `source` on `data`; write report.json/.png/.html into `output`."""
-    from ..convert.calibration import read_texts
+    from ..convert.text import read_texts
     from ..convert.writer import AtomicDirectory
     from .perplexity import bos_windows, load_causal_lm, tokenize_corpus
     from .summary import describe

@@ -1,0 +1,139 @@
+"""The one layerwise conversion loop, shared by every method.
+
+Per layer: read the source attention, measure its input statistics on the calibration stream,
+let the method convert it, refine it against the source layer's outputs, advance the stream
+through the converted layer (so the next layer calibrates on what it will really see), and write
+it. Only one layer's weights are in memory at a time; the output appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import LayerwiseRunner, calibration_windows, meta_model
+from .methods import ConversionMethod, Job
+from .records import RECORD_FILE, ConversionRecord, kv_bytes_per_token
+from .refine import refine_attention
+from .writer import AtomicDirectory, ShardedWriter
+
+
+def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float) -> ConversionRecord:
+    settings, adapter, layout, src = job.settings, job.adapter, job.layout, job.src
+    steps = method.default_refine_steps() if settings.refine_steps is None else settings.refine_steps
+    runner, calibration = None, None
+    if method.calibrates():
+        ids, calibration = calibration_windows(src, settings.calib_data, settings.calib_samples, settings.calib_seq_len)
+        runner = LayerwiseRunner(src, ids, device=settings.device, adapter=adapter)
+    config = method.output_config(runner)
+    target_layers = None
+    if runner:
+        target = meta_model(config, adapter.model_kind)
+        method.prepare_layers(target)
+        target_layers = list(target.get_submodule(adapter.layers_path))
+    record = method.new_record(common_record_fields(job))
+    record.calibration = calibration
+
+    with out as tmp:
+        writer = ShardedWriter(tmp, settings.max_shard_bytes)
+        copy_non_layer_tensors(job, writer)
+        errors = []
+        for i in tqdm(range(layout.num_layers), desc=method.progress_label(), unit="layer",
+                      disable=not settings.progress):
+            weights = adapter.read(src.reader, i, layout)
+            cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
+            layer = method.convert_layer(i, weights, cov, runner)
+            if runner and steps:
+                layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, settings.refine_lr)
+                errors.append(round(err, 6))
+            if runner:
+                runner.advance(i, target_layers[i], {k: v.float() for k, v in {**layer.extra, **layer.attention}.items()},
+                               call=layer.call)
+            write_layer(job, i, layer, writer)
+        method.finish(record)
+        if errors:
+            record.refinement = {"steps": steps, "lr": settings.refine_lr, "relative_output_error": errors}
+        writer.close()
+        save(job, method, config, record, tmp, started)
+    return record
+
+
+def common_record_fields(job: Job) -> dict:
+    layout = job.layout
+    return dict(source=job.source_id, target=job.target, architecture=job.src.model_type,
+                num_layers=layout.num_layers, num_heads=layout.num_heads, head_dim=layout.head_dim,
+                kv_heads_before=layout.num_kv_heads, dtype=str(job.weight_dtype).removeprefix("torch."),
+                kv_bytes_per_token_before=kv_bytes_per_token(
+                    layout.num_layers, 2 * layout.num_kv_heads * layout.head_dim, job.weight_dtype),
+                kvslim_version=version())
+
+
+def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float):
+    """Fit the converted attention to the source layer's outputs on the calibration inputs."""
+    adapter = job.adapter
+    inputs, call = runner.attention_inputs(index, adapter.attention_module)
+    target_call = None if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
+    f32 = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
+    with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
+        err = refine_attention(target.get_submodule(adapter.attention_module),
+                               source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
+                               target_call=target_call, frozen=layer.frozen)
+        prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
+        fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
+                  for n, p in target.get_submodule(adapter.attention_module).named_parameters()}
+    dtype = next(v.dtype for v in layer.attention.values() if v.is_floating_point())
+    return {**layer.attention, **{k: v.to(dtype) for k, v in fitted.items()}}, err
+
+
+def write_layer(job: Job, index: int, layer, writer) -> None:
+    """The layer's source tensors in checkpoint order (kept, dropped or replaced in place), then the
+    converted tensors not written yet."""
+    src, out_dtype = job.src, job.settings.out_dtype
+    pending = {**layer.extra, **layer.attention}
+    for name in src.layer_names(job.adapter.prefix(index)):
+        if layer.in_place and name in pending:
+            writer.add(name, cast(pending.pop(name), out_dtype))
+        elif not layer.drops(name):
+            writer.add(job.adapter.output_name(name), cast(src.reader.get(name), out_dtype))
+    for name, tensor in pending.items():
+        writer.add(name, cast(tensor, out_dtype))
+
+
+def copy_non_layer_tensors(job: Job, writer) -> None:
+    """Embeddings, final norm, head: everything outside the decoder layers goes out unchanged."""
+    adapter = job.adapter
+    layer_prefixes = tuple(adapter.prefix(i) for i in range(job.layout.num_layers))
+    for name in job.src.reader.keys():
+        if not name.startswith(layer_prefixes):
+            writer.add(adapter.output_name(name), cast(job.src.reader.get(name), job.settings.out_dtype))
+
+
+def save(job: Job, method: ConversionMethod, config, record: ConversionRecord, tmp, started: float) -> None:
+    """Config (with the record under "kvslim"), the hosted modeling file, tokenizer and record."""
+    record.seconds = round(time.perf_counter() - started, 2)
+    config.kvslim = record.to_dict()
+    config.save_pretrained(str(tmp))
+    hosted = method.hosted_class()
+    if hosted:  # the modeling file travels with the checkpoint (auto_map)
+        from ..modeling.hosted import save_modeling_file
+
+        save_modeling_file(hosted, tmp)
+    job.src.save_side_files(tmp)
+    (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("kvslim")
+    except PackageNotFoundError:
+        return "0+unknown"

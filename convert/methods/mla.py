@@ -1,0 +1,338 @@
+"""MLA: keys and values of all heads from one cached low-rank latent, plus a shared RoPE key.
+
+Three output forms, chosen by the architecture (the adapter's `deepseek_mla` / hosted classes):
+- `DeepseekMLA`: sources whose blocks DeepseekV3 reproduces (Llama, Mistral, Qwen2, Phi-3 with
+  RoPE on the whole head) become DeepseekV3ForCausalLM checkpoints;
+- `LatentRopeMLA`: the others with RoPE keep their class with kvslim's latent attention;
+- `LatentMLA`: models without rotary embeddings (GPT-2, OPT, BERT): the latent alone.
+The math is in convert/mla.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import text_config
+from ..errors import ConversionError
+from ..gqa import head_views, pair_indices
+from ..mla import (
+    INITS,
+    ROPE_STRATEGIES,
+    MLAShape,
+    check_rank,
+    check_shape,
+    convert_attention_latent,
+    convert_attention_latent_rope,
+    convert_attention_mla,
+    max_latent_rank,
+    rope_progression,
+    rotation_keep_factor,
+    shape_for_budget,
+    shared_rope_key,
+)
+from ..records import DEEPSEEK, LATENT, LATENT_ROPE, MLADetails, MLARecord, kv_bytes_per_token
+from ..refine import REFINE_STEPS
+from .base import ConversionMethod, LayerOutput
+
+# DeepseekV3 tensors that implement the latent-norm anchors: the refinement leaves them alone.
+ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_proj")
+
+
+@dataclass(frozen=True)
+class MLAOptions:
+    kv_budget: float | None = None  # fraction of the source's KV bytes; or kv_rank (+ rope_dim)
+    kv_rank: int | None = None
+    rope_dim: int | None = None
+    mla_init: str = "whitened"
+    rope_strategy: str = "rotate"
+
+    def __post_init__(self):
+        if self.mla_init not in INITS:
+            raise ConversionError(f"Unknown --mla-init '{self.mla_init}'; valid: {', '.join(INITS)}.")
+        if self.rope_strategy not in ROPE_STRATEGIES:
+            raise ConversionError(f"Unknown --rope-strategy '{self.rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
+
+    def uses_budget(self, rank_usage: str) -> bool:
+        """Exactly one of --kv-budget (a fraction in (0, 1]) and --kv-rank; True when it is the budget."""
+        if self.kv_budget is None and self.kv_rank is None:
+            raise ConversionError(f"--to mla needs --kv-budget F, or {rank_usage}.")
+        if self.kv_budget is not None and self.kv_rank is not None:
+            raise ConversionError(f"Give either --kv-budget or {rank_usage}, not both.")
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise ConversionError(f"--kv-budget {self.kv_budget} must be a fraction in (0, 1].")
+        return self.kv_budget is not None
+
+    def shape(self, layout, *, rotary_dims: int | None = None, reserved: int = 1,
+              reserved_what: str = "anchor") -> MLAShape:
+        """Latent rank and RoPE dims from --kv-budget, or --kv-rank [--rope-dim], checked. `reserved`:
+        other cached elements per token and layer (see shape_for_budget)."""
+        rotary_dims = rotary_dims or layout.head_dim
+        if self.uses_budget("--kv-rank R [--rope-dim D]"):
+            shape = shape_for_budget(self.kv_budget, layout, layout.hidden_size, self.rope_dim,
+                                     rotary_dims=rotary_dims, reserved=reserved, reserved_what=reserved_what)
+        else:
+            shape = MLAShape(self.kv_rank, self.rope_dim if self.rope_dim is not None else min(rotary_dims, 64))
+        check_shape(shape, layout, layout.hidden_size, rotary_dims)
+        return shape
+
+
+class _MLA(ConversionMethod):
+    targets = ("mla",)
+    Options = MLAOptions
+
+    def default_refine_steps(self) -> int:
+        return REFINE_STEPS
+
+    def _record(self, common: dict, details: MLADetails) -> MLARecord:
+        layout = self.job.layout
+        return MLARecord(**common, method="mla", kv_heads_after=1, mla=details,
+                         kv_bytes_per_token_after=kv_bytes_per_token(
+                             layout.num_layers, details.cache_elements_per_layer, self.job.weight_dtype))
+
+    def _config_dtype(self, config):
+        if self.job.settings.out_dtype is not None:
+            config.dtype = self.job.settings.out_dtype
+        return config
+
+
+# -- DeepseekV3 ----------------------------------------------------------------------------------
+
+
+def source_frequencies(config) -> torch.Tensor:
+    text = text_config(config)
+    rope = getattr(text, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(text, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(
+            f"MLA conversion supports plain RoPE; this model uses rope_type '{rope.get('rope_type')}', whose "
+            "frequencies DeepseekV3's rotary embedding cannot reproduce."
+        )
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 1.0 / (rope["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+
+
+def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], query_bias: bool):
+    """DeepseekV3Config reproducing the source's shape with an MLA attention."""
+    from transformers import DeepseekV3Config
+
+    text = text_config(source_config)
+    hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    start, stride = window
+    base = text.rope_parameters["rope_theta"]
+    rope_theta = base ** (stride * shape.rope_dim / hd)
+    factor = base ** (2 * start / hd)
+    rope = {"rope_type": "default", "rope_theta": rope_theta} if start == 0 else \
+        {"rope_type": "linear", "rope_theta": rope_theta, "factor": factor}
+    return DeepseekV3Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        moe_intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_attention_heads,
+        n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=text.num_hidden_layers,  # dense MLP everywhere: no MoE layer is built
+        kv_lora_rank=shape.kv_rank + 1, q_lora_rank=(text.hidden_size + 1) if query_bias else None,
+        qk_rope_head_dim=shape.rope_dim, qk_nope_head_dim=hd, v_head_dim=hd,
+        hidden_act=text.hidden_act, max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps, rope_parameters=rope, rope_interleave=True, attention_bias=True,
+        attention_dropout=getattr(text, "attention_dropout", 0.0), tie_word_embeddings=text.tie_word_embeddings,
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=getattr(text, "pad_token_id", None),
+        initializer_range=getattr(text, "initializer_range", 0.02),
+        architectures=["DeepseekV3ForCausalLM"],  # tools that dispatch on it (vLLM, TGI, the Hub) see a causal LM
+    )
+
+
+class DeepseekMLA(_MLA):
+    """Output: DeepseekV3ForCausalLM (q_lora_rank None unless the source has a query bias, dense MLP
+    in every layer, no MoE), loaded by plain `AutoModelForCausalLM.from_pretrained`."""
+
+    @classmethod
+    def applies(cls, adapter, config) -> bool:
+        return adapter.deepseek_mla and adapter.rope(config) == adapter.rope_layout
+
+    def check(self) -> None:
+        job = self.job
+        self.shape = self.options.shape(job.layout)
+        self.theta = source_frequencies(job.src.config)
+        self.query_bias = job.adapter.tensor_name(0, job.adapter.q_proj, "bias") in job.src.reader.keys()
+
+    def output_config(self, runner):
+        # Pass 1 (source stream): one RoPE frequency progression for all layers, because DeepseekV3
+        # has a single rotary embedding.
+        job, layout = self.job, self.job.layout
+        gains = torch.zeros(layout.head_dim // 2, dtype=torch.float64)
+        source_layers = list(runner.layers)
+        probe = copy.copy(runner)
+        probe.hidden = list(runner.hidden)
+        for i in tqdm(range(layout.num_layers), desc="MLA: choosing RoPE frequencies", unit="layer",
+                      disable=not job.settings.progress):
+            cov = probe.attention_input_moment(i, job.adapter.attention_module)
+            gains += self._frequency_gain(job.adapter.read(job.src.reader, i, layout), cov)
+            probe.advance(i, source_layers[i], {})
+        del probe
+        self.window = rope_progression(gains, self.shape.rope_dim // 2)
+        return self._config_dtype(deepseek_config(job.src.config, self.shape, self.window, self.query_bias))
+
+    def _frequency_gain(self, weights, cov) -> torch.Tensor:
+        """Per-frequency benefit of keeping a pair under RoPE (the criterion the layer conversion uses)."""
+        layout, rope_layout = self.job.layout, self.job.adapter.rope_layout
+        q, k, _, _ = head_views(weights, layout)
+        *_, gain = shared_rope_key(q, k, cov, rotation_keep_factor(self.theta, self.job.settings.calib_seq_len),
+                                   self.options.rope_strategy, *pair_indices(layout.head_dim, rope_layout))
+        return gain if self.options.rope_strategy == "partial" else gain / gain.sum().clamp(min=1e-30)
+
+    def prepare_layers(self, target_model) -> None:
+        self.rotary = target_model.model.rotary_emb.to(self.job.settings.device)
+
+    def new_record(self, common: dict) -> MLARecord:
+        shape = self.shape
+        return self._record(common, MLADetails(
+            DEEPSEEK, shape.kv_rank, shape.rope_dim, shape.cache_elements, self.options.mla_init,
+            self.options.rope_strategy, latent_anchor=1, context_for_beta=self.job.settings.calib_seq_len,
+            rope_frequencies={"start": self.window[0], "stride": self.window[1]},
+            query_bias_via_q_lora=self.query_bias))
+
+    def progress_label(self) -> str:
+        return f"MLA ({self.options.mla_init}, rank {self.shape.kv_rank}, rope {self.shape.rope_dim})"
+
+    def convert_layer(self, index, weights, cov, runner) -> LayerOutput:
+        job, adapter = self.job, self.job.adapter
+        layer = convert_attention_mla(
+            weights, job.layout, self.shape, self.theta, cov=cov, init=self.options.mla_init,
+            rope_strategy=self.options.rope_strategy, context=job.settings.calib_seq_len,
+            source_scaling=job.layout.head_dim ** -0.5, rope_layout=adapter.rope_layout, rope_window=self.window)
+        attn_prefix = f"{adapter.prefix(index)}{adapter.attention_module}."
+        renamed, replaced = adapter.deepseek_layer_tensors(job.src.reader, index)
+        dropped = set(adapter.write(weights, index)) | replaced
+        return LayerOutput(layer.tensors(attn_prefix), extra=renamed, call=self._target_call(runner, index),
+                           frozen=ANCHORED, drops=lambda name: name in dropped or name.startswith(attn_prefix))
+
+    def _target_call(self, runner, index: int) -> dict:
+        """The source layer's arguments with DeepseekV3's own rotary embeddings."""
+        call = dict(runner.layer_kwargs[index])
+        hidden = runner.hidden[0]
+        positions = call.get("position_ids")
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        with torch.no_grad():
+            call["position_embeddings"] = self.rotary(hidden, positions)
+        return call
+
+
+# -- kvslim's hosted classes -----------------------------------------------------------------------
+
+
+class LatentMLA(_MLA):
+    """Hosted class, no rotary embeddings (GPT-2, OPT, BERT): keys and values of all heads from one
+    cached latent (modeling/hosted/kvslim_attention.py)."""
+
+    @classmethod
+    def applies(cls, adapter, config) -> bool:
+        return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) == "none"
+
+    def check(self) -> None:
+        layout = self.job.layout
+        if self.options.rope_dim is not None:
+            raise ConversionError(f"--rope-dim does not apply: '{self.job.src.model_type}' has no rotary embeddings.")
+        rank = self.options.kv_rank
+        if self.options.uses_budget("--kv-rank R"):
+            rank = min(int(self.options.kv_budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9),
+                       max_latent_rank(layout, layout.hidden_size))
+        check_rank(rank, layout, layout.hidden_size)
+        self.kv_rank = rank
+
+    def hosted_class(self) -> str:
+        return self.job.adapter.mla_hosted_class(self.job.src.model_type)
+
+    def output_config(self, runner):
+        from ...modeling.hosted import hosted_config
+
+        config = hosted_config(self.hosted_class(), self.job.src.config, self.job.layout.num_heads)
+        config.kv_lora_rank = self.kv_rank
+        return self._config_dtype(config)
+
+    def new_record(self, common: dict) -> MLARecord:
+        return self._record(common, MLADetails(LATENT, self.kv_rank, 0, self.kv_rank, self.options.mla_init,
+                                               "none (no rotary embeddings)"))
+
+    def progress_label(self) -> str:
+        return f"MLA ({self.options.mla_init}, rank {self.kv_rank})"
+
+    def convert_layer(self, index, weights, cov, runner) -> LayerOutput:
+        adapter = self.job.adapter
+        latent = convert_attention_latent(weights, self.job.layout, self.kv_rank, cov=cov, init=self.options.mla_init)
+        replaced = set(adapter.write(weights, index))
+        return LayerOutput(adapter.write_latent(weights, latent, index), drops=replaced.__contains__)
+
+
+def layer_frequencies(call: dict, re: torch.Tensor) -> torch.Tensor:
+    """The source's RoPE frequency of each pair in this layer, read off the cos/sin the model
+    passes it (position 1): covers per-layer RoPE (Gemma 3 local/global) and any scaling rule."""
+    cos, sin = call["position_embeddings"]
+    cos, sin = cos.reshape(-1, *cos.shape[-2:])[0, 1].double(), sin.reshape(-1, *sin.shape[-2:])[0, 1].double()
+    return torch.atan2(sin[re], cos[re]).cpu()  # weight math runs on the CPU
+
+
+class LatentRopeMLA(_MLA):
+    """Hosted class with RoPE (Qwen3, Gemma, GPT-NeoX, Phi-3 partial rotary, the MoE models): the
+    latent plus one shared RoPE key per layer (`LatentRopeAttention`), and for q/k-norm models one
+    key-norm gain per source KV head."""
+
+    @classmethod
+    def applies(cls, adapter, config) -> bool:
+        return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) != "none"
+
+    def check(self) -> None:
+        job, layout = self.job, self.job.layout
+        self.rope_layout = job.adapter.rope(job.src.config)
+        self.re, _ = pair_indices(layout.head_dim, self.rope_layout)
+        self.scales = layout.num_kv_heads if job.adapter.qk_norm else 0  # one key-norm gain per source KV head
+        self.shape = self.options.shape(layout, rotary_dims=2 * self.re.shape[0], reserved=self.scales,
+                                        reserved_what="key-norm scales")
+        self.eps = getattr(text_config(job.src.config), "rms_norm_eps", 1e-6)
+        self.windows: list = []
+
+    def hosted_class(self) -> str:
+        return self.job.adapter.mla_hosted_class(self.job.src.model_type)
+
+    def output_config(self, runner):
+        from ...modeling.hosted import hosted_config
+
+        config = hosted_config(self.hosted_class(), self.job.src.config, self.job.layout.num_kv_heads)
+        config.kv_lora_rank, config.qk_rope_head_dim = self.shape.kv_rank, self.shape.rope_dim
+        return self._config_dtype(config)
+
+    def prepare_layers(self, target_model) -> None:
+        self.model_class = type(target_model.get_submodule(self.job.adapter.layers_path)[0]).__module__
+
+    def new_record(self, common: dict) -> MLARecord:
+        shape = self.shape
+        qk_norm = ("exact at full rank: queries keep the source's q-norm; the latent factors the key before its "
+                   "norm and the cache holds each token's key-norm gain (one per source KV head)"
+                   if self.job.adapter.qk_norm else "none")
+        return self._record(common, MLADetails(
+            LATENT_ROPE, shape.kv_rank, shape.rope_dim, shape.kv_rank + shape.rope_dim + self.scales,
+            self.options.mla_init, self.options.rope_strategy, key_norm_scales=self.scales,
+            context_for_beta=self.job.settings.calib_seq_len, model_class=self.model_class, qk_norm=qk_norm))
+
+    def progress_label(self) -> str:
+        return f"MLA ({self.options.mla_init}, rank {self.shape.kv_rank}, rope {self.shape.rope_dim})"
+
+    def convert_layer(self, index, weights, cov, runner) -> LayerOutput:
+        job, adapter = self.job, self.job.adapter
+        o_bias = adapter.tensor_name(index, adapter.o_proj, "bias")
+        if o_bias in job.src.reader.keys():
+            weights.o_b = job.src.reader.get(o_bias)
+        theta = layer_frequencies(runner.layer_kwargs[index], self.re)
+        tensors, window = convert_attention_latent_rope(
+            weights, job.layout, self.shape.kv_rank, self.shape.rope_dim, theta, cov=cov, init=self.options.mla_init,
+            rope_strategy=self.options.rope_strategy, context=job.settings.calib_seq_len,
+            rope_layout=self.rope_layout, norm_eps=self.eps)
+        self.windows.append(list(window))
+        attn_prefix = f"{adapter.prefix(index)}{adapter.attention_module}."
+        return LayerOutput({attn_prefix + name: t for name, t in tensors.items()},
+                           drops=lambda name: name.startswith(attn_prefix))
+
+    def finish(self, record: MLARecord) -> None:
+        record.mla = replace(record.mla, rope_frequencies=[{"start": a, "stride": b} for a, b in self.windows])
