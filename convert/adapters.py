@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from .errors import ConversionError
+
 
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -24,6 +28,22 @@ class AttentionLayout:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention projections in nn.Linear layout (out_features x in_features)."""
+
+    q_w: torch.Tensor
+    k_w: torch.Tensor
+    v_w: torch.Tensor
+    o_w: torch.Tensor
+    q_b: torch.Tensor | None = None
+    k_b: torch.Tensor | None = None
+    v_b: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # shared per-head RMSNorm weights, if the model has them
+    k_norm: torch.Tensor | None = None
+    o_b: torch.Tensor | None = None  # output-projection bias (read only where a converter replaces o_proj)
 
 
 @dataclass(frozen=True)
@@ -98,8 +118,6 @@ class AttentionAdapter:
 
     def read(self, reader, layer: int, layout: AttentionLayout):
         """This layer's attention as AttentionWeights (nn.Linear layout); `layout` is the source's."""
-        from .gqa import AttentionWeights
-
         keys = reader.keys()
 
         def get(module: str, kind: str = "weight"):
@@ -194,8 +212,6 @@ class FusedQKVAdapter(AttentionAdapter):
         return t.T.contiguous() if self.conv1d else t
 
     def read(self, reader, layer: int, layout: AttentionLayout):
-        from .gqa import AttentionWeights
-
         q_w, k_w, v_w = self.split_qkv(self._get(reader, layer, self.qkv_proj), layout)
         bias = self._get(reader, layer, self.qkv_proj, "bias")
         q_b, k_b, v_b = self.split_qkv(bias, layout) if bias is not None else (None, None, None)
@@ -203,8 +219,6 @@ class FusedQKVAdapter(AttentionAdapter):
                                 q_b=q_b, k_b=k_b, v_b=v_b)
 
     def write(self, w, layer: int) -> dict:
-        import torch
-
         out = {self.tensor_name(layer, self.qkv_proj): self._put(torch.cat([w.q_w, w.k_w, w.v_w])),
                self.tensor_name(layer, self.o_proj): self._put(w.o_w)}
         if w.q_b is not None:
@@ -324,6 +338,13 @@ def adapter_for(model_type: str) -> AttentionAdapter:
     return get_adapter(_OUTPUT_TYPES.get(model_type, model_type))
 
 
+def class_uses_kv_heads(model_type: str) -> bool:
+    """False for Transformers classes that ignore `num_key_value_heads` (GPT-2, GPT-NeoX, OPT,
+    BERT, RoBERTa: their cache holds every head); kvslim's hosted classes and others honour it."""
+    adapter = _REGISTRY.get(model_type)
+    return adapter is None or adapter.hosted is None
+
+
 def attention_module_names(model) -> list[str]:
     """Every layer's attention module in `model` (a loaded source or conversion), by module name."""
     adapter = adapter_for(model.config.model_type)
@@ -331,8 +352,6 @@ def attention_module_names(model) -> list[str]:
 
 
 def get_adapter(model_type: str) -> AttentionAdapter:
-    from .errors import ConversionError
-
     try:
         return _REGISTRY[model_type]
     except KeyError:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .adapters import AttentionAdapter
 from .errors import ConversionError
 from .sources import CheckpointSource
 from .text import read_texts
@@ -137,8 +138,6 @@ class LayerwiseRunner:
     """Runs calibration tokens through a model one decoder layer at a time."""
 
     def __init__(self, source: CheckpointSource, input_ids: torch.Tensor, device: str = "cpu", adapter=None):
-        from .adapters import AttentionAdapter
-
         adapter = adapter or AttentionAdapter("llama", ())
         self.source = source
         self.device = torch.device(device)
@@ -155,12 +154,6 @@ class LayerwiseRunner:
         # what the model gives each layer (masks, positions), and layer 0's input: the embeddings,
         # learned positions included, for every calibration batch
         self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
-
-    def _base_prefix(self) -> str:
-        for name, module in self.model.named_modules():
-            if module is self.base:
-                return f"{name}." if name else ""
-        return "model."
 
     def _materialise(self, module: nn.Module, exclude: str | None = None, prefix: str | None = None,
                      overrides: dict[str, torch.Tensor] | None = None) -> None:

@@ -31,30 +31,14 @@ otherwise (recorded in the conversion record).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from .adapters import AttentionLayout
+from .adapters import AttentionLayout, AttentionWeights
 from .errors import ConversionError
 
 METHODS = ("aware", "mean")
-
-
-@dataclass
-class AttentionWeights:
-    """One layer's attention projections in nn.Linear layout (out_features x in_features)."""
-
-    q_w: torch.Tensor
-    k_w: torch.Tensor
-    v_w: torch.Tensor
-    o_w: torch.Tensor
-    q_b: torch.Tensor | None = None
-    k_b: torch.Tensor | None = None
-    v_b: torch.Tensor | None = None
-    q_norm: torch.Tensor | None = None  # shared per-head RMSNorm weights, if the model has them
-    k_norm: torch.Tensor | None = None
-    o_b: torch.Tensor | None = None  # output-projection bias (read only where a converter replaces o_proj)
 
 
 def valid_kv_heads(num_heads: int) -> list[int]:
@@ -141,19 +125,19 @@ def head_views(weights: AttentionWeights, layout: AttentionLayout):
     return q, k, v, o
 
 
-def _to_complex(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+def to_complex(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     """(..., hd, D) real -> (..., hd/2, D) complex, one row per RoPE frequency."""
     return torch.complex(w[..., re, :], w[..., im, :])
 
 
-def _from_complex(wc: torch.Tensor, re: torch.Tensor, im: torch.Tensor, head_dim: int) -> torch.Tensor:
+def from_complex(wc: torch.Tensor, re: torch.Tensor, im: torch.Tensor, head_dim: int) -> torch.Tensor:
     out = wc.real.new_zeros(*wc.shape[:-2], head_dim, wc.shape[-1])
     out[..., re, :] = wc.real
     out[..., im, :] = wc.imag
     return out
 
 
-def _sym_sqrt(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def sym_sqrt(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric square root of a PSD matrix and its inverse (regularised)."""
     vals, vecs = torch.linalg.eigh(m)
     floor = rel_eps * vals.clamp(min=0).mean().clamp(min=1e-30)
@@ -218,7 +202,7 @@ def merge_values_aware(
     layer output, with Wo_i the head's o_proj columns.
     """
     r, hd, _ = v_members.shape
-    roots, inv_roots = zip(*(_sym_sqrt(o.T @ o) for o in o_members))
+    roots, inv_roots = zip(*(sym_sqrt(o.T @ o) for o in o_members))
     # B = [Wv_i^T R_i]_i : (D, r*hd); Y' = X B are the output-weighted values.
     b = torch.cat([v.T @ root for v, root in zip(v_members, roots)], dim=1)
     vals, vecs = torch.linalg.eigh(b.T @ cov @ b)
@@ -241,7 +225,7 @@ def merge_keys_free(
     k_i ~ M_i^T k_g. The score error q_i . (k_i - M_i^T k_g) is the value merge's problem with the
     query's second moment E[q_i q_i^T] in place of the o_proj Gram, so it is solved the same way.
     """
-    roots = torch.stack([_sym_sqrt(qi @ cov @ qi.T)[0] for qi in q_members])  # (r, n, n), root^T root = E[q q^T]
+    roots = torch.stack([sym_sqrt(qi @ cov @ qi.T)[0] for qi in q_members])  # (r, n, n), root^T root = E[q q^T]
     return merge_values_aware(k_members, roots, cov)
 
 
@@ -310,11 +294,11 @@ def convert_attention(
         else:
             shared_k = torch.zeros_like(k[sl][0])
             if len(re):
-                kc = _to_complex(k[sl], re, im)
+                kc = to_complex(k[sl], re, im)
                 shared_c, folds = merge_keys_aware(kc, energy[sl], cov, phase_only=q_norm is not None)
-                shared_k[torch.cat([re, im])] = _from_complex(shared_c, re, im, hd)[torch.cat([re, im])]
-                qc = _to_complex(q[sl], re, im) * folds.conj()[:, :, None]
-                q[sl] = torch.where(rotated[None, :, None], _from_complex(qc, re, im, hd), q[sl])
+                shared_k[torch.cat([re, im])] = from_complex(shared_c, re, im, hd)[torch.cat([re, im])]
+                qc = to_complex(q[sl], re, im) * folds.conj()[:, :, None]
+                q[sl] = torch.where(rotated[None, :, None], from_complex(qc, re, im, hd), q[sl])
             if len(free):
                 shared_free, maps = merge_keys_free(k[sl][:, free], q[sl][:, free], cov)
                 shared_k[free] = shared_free
@@ -369,7 +353,7 @@ def pairwise_merge_cost(
     re, im = pair_indices(hd, rope_layout)
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
     s = query_energy(q, cov, re, im, q_norm).sqrt()  # (nh, F)
-    kc = _to_complex(k, re, im) * s[:, :, None]
+    kc = to_complex(k, re, im) * s[:, :, None]
     k_gram = torch.einsum("afd,de,bfe->fab", kc.conj(), cov.to(kc.dtype), kc)  # (F, nh, nh)
     k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
     free = free_indices(hd, rope_layout)
@@ -383,9 +367,9 @@ def pairwise_merge_cost(
         block = torch.cat([torch.cat([gram[a, a], gram[a, b]], 1), torch.cat([gram[b, a], gram[b, b]], 1)], 0)
         return torch.linalg.eigvalsh(block)[:n].clamp(min=0).sum()
 
-    v_gram = subspace_gram(v, [_sym_sqrt(oi.T @ oi)[0] for oi in o])
+    v_gram = subspace_gram(v, [sym_sqrt(oi.T @ oi)[0] for oi in o])
     v_total = torch.einsum("aakk->", v_gram)
-    kf_gram = subspace_gram(k[:, free], [_sym_sqrt(qi @ cov @ qi.T)[0] for qi in q[:, free]]) if len(free) else None
+    kf_gram = subspace_gram(k[:, free], [sym_sqrt(qi @ cov @ qi.T)[0] for qi in q[:, free]]) if len(free) else None
     k_total = k_diag.sum() + (torch.einsum("aakk->", kf_gram) if kf_gram is not None else 0)
     cost = torch.zeros(nh, nh, dtype=f64)
     for a in range(nh):

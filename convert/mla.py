@@ -44,17 +44,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import AttentionLayout
+from .adapters import AttentionLayout, AttentionWeights
 from .errors import ConversionError
 from .gqa import (
-    AttentionWeights,
-    _from_complex,
-    _sym_sqrt,
-    _to_complex,
+    from_complex,
     head_views,
     merge_keys_aware,
     pair_indices,
     query_energy,
+    sym_sqrt,
+    to_complex,
 )
 
 INITS = ("whitened", "pca", "svd")
@@ -133,10 +132,11 @@ def rope_progression(score: torch.Tensor, pairs: int) -> tuple[int, int]:
     n = score.shape[0]
     best, arg = -math.inf, (0, 1)
     for stride in range(1, n + 1):
-        for start in range(0, min(1, n - (pairs - 1) * stride)):
-            total = float(score[start: start + (pairs - 1) * stride + 1: stride].sum())
-            if total > best:
-                best, arg = total, (start, stride)
+        if (pairs - 1) * stride >= n:  # the progression no longer fits
+            break
+        total = float(score[: (pairs - 1) * stride + 1: stride].sum())
+        if total > best:
+            best, arg = total, (0, stride)
     return arg
 
 
@@ -157,13 +157,13 @@ def shared_rope_key(q: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, beta: t
     """
     nh, hd, D = k.shape
     F = re.shape[0]
-    kc = _to_complex(k, re, im)
+    kc = to_complex(k, re, im)
     energy_q = query_energy(q, cov, re, im, None)  # (nh, F)
     energy_k = query_energy(k, cov, re, im, None)
     if strategy == "rotate":
         shared, folds = merge_keys_aware(kc, energy_q, cov, phase_only=False)
         resid = kc - folds[:, :, None] * shared[None]
-        resid_energy = query_energy(_from_complex(resid, re, im, hd), cov, re, im, None)
+        resid_energy = query_energy(from_complex(resid, re, im, hd), cov, re, im, None)
         # error if f is not kept: the whole key goes un-rotated; if kept: only the residual does
         gain = (1 - beta**2) * (energy_q * (energy_k - resid_energy)).sum(0)
     else:
@@ -233,7 +233,7 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     else:
         basis_cov = cov
         if init == "whitened":
-            blocks = [_sym_sqrt(qn @ cov @ qn.T)[0] for qn in q] + [_sym_sqrt(oi.T @ oi)[0] for oi in o]
+            blocks = [sym_sqrt(qn @ cov @ qn.T)[0] for qn in q] + [sym_sqrt(oi.T @ oi)[0] for oi in o]
         else:  # pca: plain activations, keys rescaled to the values' total energy
             blocks = [torch.eye(hd, dtype=f64)] * (2 * nh)
         weight_rows = torch.block_diag(*blocks)
@@ -269,7 +269,7 @@ def shared_rope_latent(q, k, v, o, cov, theta, pairs: int, rank: int, *, init: s
     frequency of each rotary pair (re, im); dims outside the pairs (partial rotary) carry no position
     and go to the un-rotated part whole."""
     F = re.shape[0]
-    qc, kc = _to_complex(q, re, im), _to_complex(k, re, im)  # (nh, F, D)
+    qc, kc = to_complex(q, re, im), to_complex(k, re, im)  # (nh, F, D)
     beta = rotation_keep_factor(theta, context)  # (F,)
 
     # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
@@ -411,12 +411,12 @@ def convert_attention_mla(
                               context=context, re=re, im=im, rope_window=rope_window)
     start, stride, down, up = rope.start, rope.stride, rope.down, rope.up
     q_nope = rope.q_nope
-    q_rope_c = (_to_complex(q, re, im) * rope.folds.conj()[:, :, None])[:, rope.kept]  # (nh, P, D)
+    q_rope_c = (to_complex(q, re, im) * rope.folds.conj()[:, :, None])[:, rope.kept]  # (nh, P, D)
     k_rope_c = rope.shared[rope.kept]  # (P, D)
 
     # latent norm: anchor element keeps the per-token RMS constant
     anchor, norm_w = _anchor(down, cov)
-    kv_a = torch.cat([down, torch.zeros(1, D, dtype=f64), _from_complex(k_rope_c[None], *_interleaved(2 * P), 2 * P)[0]])
+    kv_a = torch.cat([down, torch.zeros(1, D, dtype=f64), from_complex(k_rope_c[None], *_interleaved(2 * P), 2 * P)[0]])
     kv_a[shape.kv_rank, d] = anchor
     kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
     kv_norm[shape.kv_rank] = 1.0
@@ -426,7 +426,7 @@ def convert_attention_mla(
     # queries: [q_nope (hd) ; q_rope (2P, interleaved)] per head, rescaled to the source temperature
     scale_src = source_scaling if source_scaling is not None else hd**-0.5
     temperature = scale_src / (hd + 2 * P) ** -0.5
-    q_rope = _from_complex(q_rope_c, *_interleaved(2 * P), 2 * P)  # (nh, 2P, D)
+    q_rope = from_complex(q_rope_c, *_interleaved(2 * P), 2 * P)  # (nh, 2P, D)
     q_full = torch.cat([q_nope, q_rope], dim=1) * temperature  # (nh, hd + 2P, D)
     q_full = q_full.reshape(nh * (hd + 2 * P), D)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..convert.adapters import attention_module_names
 from ..convert.errors import ConversionError
 from .perplexity import EVAL_TOKENS, EVAL_WINDOW
 
@@ -31,28 +32,13 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / norm.clamp(min=1e-30))
 
 
-def _decoder_layers(model) -> list:
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    layers = getattr(base, "layers", None) or getattr(base, "h", None) or getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None:
-        raise ConversionError(f"Cannot find the decoder layers of {type(model).__name__}.")
-    return list(layers)
-
-
-def _attention_module(layer) -> torch.nn.Module:
-    for name in ("self_attn", "attn", "attention", "self_attention"):
-        if hasattr(layer, name):
-            return getattr(layer, name)
-    raise ConversionError(f"Cannot find the attention module of {type(layer).__name__}.")
-
-
 class _Recorder:
     """Collects each layer's attention output for one forward pass."""
 
     def __init__(self, model):
         self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [_attention_module(layer).register_forward_hook(self._hook(i))
-                        for i, layer in enumerate(_decoder_layers(model))]
+        self.handles = [model.get_submodule(name).register_forward_hook(self._hook(i))
+                        for i, name in enumerate(attention_module_names(model))]
 
     def _hook(self, index: int):
         def hook(module, args, out):
@@ -67,8 +53,8 @@ class _Recorder:
 @torch.no_grad()
 def compare(source_model, converted_model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
     """Per-layer similarity of `converted_model` to `source_model` on token `windows` (n, T)."""
-    n_layers = len(_decoder_layers(source_model))
-    if len(_decoder_layers(converted_model)) != n_layers:
+    n_layers = len(attention_module_names(source_model))
+    if len(attention_module_names(converted_model)) != n_layers:
         raise ConversionError("The two models have different numbers of layers; compare a model with its own conversion.")
     rec_s, rec_c = _Recorder(source_model), _Recorder(converted_model)
     hs_s, hs_c = [[] for _ in range(n_layers + 1)], [[] for _ in range(n_layers + 1)]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..convert.adapters import class_uses_kv_heads
+from ..convert.records import kv_bytes_per_token
 
 CONTEXTS = (4096, 32768, 131072)
 
@@ -52,7 +56,6 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
     heads = get("num_attention_heads", "n_head")
     hidden = get("hidden_size", "n_embd", "d_model")
     dtype = _dtype(text)
-    element = torch.tensor([], dtype=dtype).element_size()
     if get("kv_lora_rank") is not None:  # DeepSeek-style multi-head latent attention
         rope = get("qk_rope_head_dim", default=0)
         # kvslim's hosted MLA for q/k-norm sources also caches one key-norm gain per source KV head
@@ -64,8 +67,8 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
         kv_heads, kind = 1, "MLA"
     else:
         kv_heads = get("num_key_value_heads", default=heads)
-        if text.model_type in {"gpt2", "gpt_neox", "opt", "bert", "roberta"}:
-            kv_heads = heads  # these classes ignore num_key_value_heads
+        if not class_uses_kv_heads(text.model_type):
+            kv_heads = heads
         head_dim = get("head_dim", default=hidden // heads)
         per_layer = 2 * kv_heads * head_dim
         kind = "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else "GQA"
@@ -74,7 +77,7 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
         source=source, architecture=arch, model_type=text.model_type, attention=kind, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden,
         dtype=str(dtype).removeprefix("torch."), kv_elements_per_token_per_layer=per_layer,
-        kv_bytes_per_token=per_layer * layers * element, num_parameters=num_parameters,
+        kv_bytes_per_token=kv_bytes_per_token(layers, per_layer, dtype), num_parameters=num_parameters,
         conversion=getattr(config, "kvslim", None),
     )
 
@@ -95,12 +98,4 @@ def inspect(model: str, revision: str | None = None) -> ModelSummary:
 
 
 def _numel(src, name: str) -> int:
-    handle = getattr(src.reader, "_handles", None)
-    if handle is not None:  # safetensors: shape from the header, no data read
-        path = src.reader._where[name]
-        shape = src.reader._handles[path].get_slice(name).get_shape()
-        n = 1
-        for s in shape:
-            n *= s
-        return n
-    return src.reader.get(name).numel()
+    return math.prod(src.reader.shape(name))  # safetensors: from the header, no data read
