@@ -13,6 +13,7 @@ import typer
 
 from .compat import check_transformers, missing_symbol_message
 from .convert.formatting import human_bytes, plural
+from .convert.methods.base import Settings
 from .recipes.perplexity import EVAL_TOKENS, EVAL_WINDOW
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -46,6 +47,9 @@ def _parse_size(text: str) -> int:
     return 0
 
 
+DEFAULTS = Settings()  # the CLI shows the library's defaults, and passes only what was given
+
+
 @app.command()
 def convert(
     source: str = typer.Argument(..., metavar="SOURCE", help="Hub id, local model directory, or .gguf file."),
@@ -54,8 +58,8 @@ def convert(
     kv_heads: Optional[int] = typer.Option(None, "--kv-heads", help="KV heads for --to gqa (divides the query heads)."),
     method: Optional[str] = typer.Option(None, "--method", help="GQA/MQA: aware (activation-aware, default) or mean (GQA paper)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Text/JSONL/parquet file or directory, or a datasets id name[:config[:split]]."),
-    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration sequences."),
-    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=f"Calibration sequences (default {DEFAULTS.calib_samples})."),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help=f"Tokens per calibration sequence (default {DEFAULTS.calib_seq_len})."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
     refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: 300, none for --method mean; 0: closed form only)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
@@ -63,12 +67,13 @@ def convert(
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
     mla_init: Optional[str] = typer.Option(None, "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
     rope_strategy: Optional[str] = typer.Option(None, "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="MLA: transformers (default) or vllm (a DeepseekV3 checkpoint stock vLLM serves: no biases, 512+64 or 256+64 latent)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (directory or Hub id) for calibration, when the source has none."),
-    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (as the source), float32, bfloat16, float16."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: auto (as the source, default), float32, bfloat16, float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
-    device: str = typer.Option("cpu", "--device", help="Device for calibration (cpu, cuda)."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    device: Optional[str] = typer.Option(None, "--device", help=f"Device for calibration (cpu, cuda; default {DEFAULTS.device})."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help=f"Largest safetensors shard (default {human_bytes(DEFAULTS.max_shard_bytes)})."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also publish the output to this Hub repo id (user/name), with a model card."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=BASE_MODEL_HELP),
@@ -82,8 +87,9 @@ def convert(
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
                      refine_steps=refine_steps, dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
-                     max_shard_bytes=_parse_size(max_shard_size), kv_budget=kv_budget, kv_rank=kv_rank,
-                     rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy, tokenizer=tokenizer)
+                     max_shard_bytes=_parse_size(max_shard_size) if max_shard_size else None, kv_budget=kv_budget, kv_rank=kv_rank,
+                     rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy, tokenizer=tokenizer,
+                     runtime=runtime)
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after
@@ -94,6 +100,7 @@ def convert(
         f"  {record.architecture}: {record.summary()} ({how})\n"
         f"  KV cache per token: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.2%})\n"
         f"  took {record.seconds:.1f}s"
+        + "".join(f"\n  note: {note}" for note in record.notes)
     )
     if push_to_hub:
         _push(output, push_to_hub, private=private, base_model=base_model)

@@ -46,8 +46,7 @@ REAL = [("gutenberg", dict(to="gqa", kv_heads=2)), ("gutenberg", dict(to="mqa"))
 def build_source(name: str, root: Path, tokenizer: Path) -> Path:
     import shutil
 
-    from conftest import make_model
-    from test_architectures import bert, gpt2, neox, phi3
+    from common import bert, gpt2, make_model, neox, phi3
 
     if name == "gutenberg":
         return SHARED / "models" / "llama-mha-gutenberg"
@@ -67,7 +66,7 @@ def tokenizer(root: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import sample_text
+    from common import sample_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -115,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     import kvslim
 
-    from conftest import sample_text
+    from common import sample_text
 
     torch.set_num_threads(2)  # the same reduction order every run
     cases = CASES + (REAL if (SHARED / "models" / "llama-mha-gutenberg").exists() else [])

@@ -7,7 +7,7 @@ architecture means registering one more adapter, not adding branches to the conv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -85,6 +85,7 @@ class AttentionAdapter:
     hosted: str | None = None
     deepseek_mla: bool = False
     hosted_mla: bool = False
+    stored_as_hosted: bool = False  # the source is kvslim's hosted class (its own tensor layout)
     def mla_hosted_class(self, model_type: str) -> str | None:
         """The kvslim-hosted class an MLA conversion of `model_type` writes, if any."""
         return self.hosted or (model_type if self.hosted_mla else None)
@@ -274,7 +275,7 @@ class GPTNeoXAdapter(FusedQKVAdapter):
         return "lm_head." + name[len("embed_out."):] if name.startswith("embed_out.") else name
 
     def split_qkv(self, t, layout: AttentionLayout) -> list:
-        if layout.num_kv_heads != layout.num_heads:  # kvslim's class: plain [q; k; v]
+        if self.stored_as_hosted or layout.num_kv_heads != layout.num_heads:  # kvslim's class: plain [q; k; v]
             return super().split_qkv(t, layout)
         per_head = t.reshape(layout.num_heads, 3, layout.head_dim, *t.shape[1:])  # Transformers' interleaving
         return [per_head[:, j].reshape(layout.num_heads * layout.head_dim, *t.shape[1:]) for j in range(3)]
@@ -343,6 +344,18 @@ def class_uses_kv_heads(model_type: str) -> bool:
     BERT, RoBERTa: their cache holds every head); kvslim's hosted classes and others honour it."""
     adapter = _REGISTRY.get(model_type)
     return adapter is None or adapter.hosted is None
+
+
+def source_adapter(config: Any) -> AttentionAdapter:
+    """The adapter that reads a conversion source: a registered architecture, or kvslim's hosted
+    GQA/MHA output of one (converted again, e.g. after uptraining)."""
+    model_type = config.model_type
+    if getattr(text_config(config), "kv_lora_rank", None) is not None:
+        raise ConversionError(f"'{model_type}' is already multi-head latent attention; convert its source model "
+                              "instead.")
+    if model_type.startswith(HOSTED_PREFIX):
+        return replace(get_adapter(model_type[len(HOSTED_PREFIX):]), stored_as_hosted=True)
+    return get_adapter(model_type)
 
 
 def attention_module_names(model) -> list[str]:

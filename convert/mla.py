@@ -184,11 +184,11 @@ class MLALayer:
     q_a_norm: torch.Tensor | None
     q_b_proj: torch.Tensor | None
     kv_a_proj: torch.Tensor
-    kv_a_bias: torch.Tensor
+    kv_a_bias: torch.Tensor | None  # None: bias-free (vLLM)
     kv_a_norm: torch.Tensor
     kv_b_proj: torch.Tensor
     o_proj: torch.Tensor
-    o_bias: torch.Tensor
+    o_bias: torch.Tensor | None
     rope_start: int
     rope_stride: int
 
@@ -198,6 +198,7 @@ class MLALayer:
             f"{prefix}kv_a_layernorm.weight": self.kv_a_norm, f"{prefix}kv_b_proj.weight": self.kv_b_proj,
             f"{prefix}o_proj.weight": self.o_proj, f"{prefix}o_proj.bias": self.o_bias,
         }
+        out = {name: t for name, t in out.items() if t is not None}
         if self.q_proj is not None:
             out[f"{prefix}q_proj.weight"] = self.q_proj
         else:
@@ -391,8 +392,17 @@ def convert_attention_mla(
     source_scaling: float | None = None,
     rope_layout: str = "half",
     rope_window: tuple[int, int] | None = None,
+    bias_free: bool = False,
+    latent_rows: int | None = None,
 ) -> MLALayer:
-    """One layer's MLA tensors. `theta` holds the source's RoPE frequency per pair (hd/2,)."""
+    """One layer's MLA tensors. `theta` holds the source's RoPE frequency per pair (hd/2,).
+
+    `bias_free` (vLLM's DeepSeek attention has no bias terms and drops bias tensors): every bias
+    (the latent's anchor, folded K/V biases, a query bias) becomes a weight on the input through
+    the least-squares constant of the input, u = argmin E[(u.x - 1)^2] = E[x x^T]^-1 E[x] on the
+    calibration data; exact when u.x = 1, otherwise the anchor carries u.x's spread as a per-token
+    scale of the latent, which refinement can absorb. `latent_rows`: pad the latent with zero rows
+    to this size (a shape vLLM's kernels take, larger than the rank the source has)."""
     if init not in INITS:
         raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
     if rope_strategy not in ROPE_STRATEGIES:
@@ -421,6 +431,12 @@ def convert_attention_mla(
     kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
     kv_norm[shape.kv_rank] = 1.0
     up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
+    pad = (latent_rows or shape.kv_rank) - shape.kv_rank
+    if pad > 0:  # zero latent rows: cached, never read; the norm weight keeps the RMS the anchor sets
+        shrink = math.sqrt((shape.kv_rank + 1) / (shape.kv_rank + 1 + pad))  # the RMS is over more elements
+        kv_a = torch.cat([kv_a[:shape.kv_rank], torch.zeros(pad, D, dtype=f64), kv_a[shape.kv_rank:]])
+        kv_norm = torch.cat([kv_norm[:shape.kv_rank] * shrink, torch.zeros(pad, dtype=f64), kv_norm[shape.kv_rank:]])
+        up = torch.cat([up[:, :shape.kv_rank], torch.zeros(up.shape[0], pad, dtype=f64), up[:, shape.kv_rank:]], dim=1)
     kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, -1), up[nh * hd:].reshape(nh, hd, -1)], dim=1)  # (nh, 2hd, r+1)
 
     # queries: [q_nope (hd) ; q_rope (2P, interleaved)] per head, rescaled to the source temperature
@@ -436,6 +452,15 @@ def convert_attention_mla(
         return t.to(out_dtype).contiguous()
 
     o_bias = torch.zeros(o.shape[1], dtype=f64)
+    if bias_free:
+        u = constant_direction(cov)
+        kv_a = kv_a[:, :d] + kv_a[:, d:] * u[None]
+        return MLALayer(
+            q_proj=cast(q_full[:, :d] + q_full[:, d:] * u[None]), q_a_proj=None, q_a_norm=None, q_b_proj=None,
+            kv_a_proj=cast(kv_a), kv_a_bias=None, kv_a_norm=cast(kv_norm),
+            kv_b_proj=cast(kv_b.reshape(nh * 2 * hd, -1)), o_proj=cast(weights.o_w), o_bias=None,
+            rope_start=int(start), rope_stride=int(stride),
+        )
     if weights.q_b is None:
         q_proj, q_a, q_a_norm, q_b = cast(q_full[:, :d]), None, None, None
     else:  # query bias: q = q_b_proj(norm([x, anchor])) with an identity q_a_proj
@@ -454,6 +479,21 @@ def convert_attention_mla(
         kv_b_proj=cast(kv_b.reshape(nh * 2 * hd, -1)), o_proj=cast(weights.o_w), o_bias=cast(o_bias),
         rope_start=int(start), rope_stride=int(stride),
     )
+
+
+def constant_direction(cov: torch.Tensor) -> torch.Tensor:
+    """u minimising E[(u.x - 1)^2] under `cov` = E[[x, 1][x, 1]^T]: the linear read-out of the input
+    that best reproduces a constant, which stands in for a bias where a runtime has none."""
+    d = cov.shape[0] - 1
+    m, mean = cov[:d, :d], cov[:d, d]
+    ridge = 1e-9 * float(m.diagonal().mean()) * torch.eye(d, dtype=cov.dtype)
+    return torch.linalg.solve(m + ridge, mean)
+
+
+def constant_fit(cov: torch.Tensor) -> float:
+    """Relative RMS error of u.x as a constant (0: exact): sqrt(1 - mu^T M^-1 mu)."""
+    d = cov.shape[0] - 1
+    return math.sqrt(max(0.0, 1.0 - float(cov[:d, d] @ constant_direction(cov))))
 
 
 def _interleaved(dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from ..compat import check_transformers
 from . import driver
-from .adapters import AttentionAdapter, get_adapter
+from .adapters import AttentionAdapter, source_adapter
 from .calibration import meta_model
 from .errors import ConversionError
 from .methods import Job, Settings, flag, method_class, option_names, options_class, targets
@@ -41,7 +41,7 @@ def convert(source: str, output: str | Path, *, to: str = "gqa", **options) -> C
     check_device(settings.device)
     src = open_source(source, settings.revision, settings.tokenizer)
     settings = replace(settings, calib_seq_len=fit_to_context(src.config, settings.calib_seq_len))
-    adapter = get_adapter(src.model_type)
+    adapter = source_adapter(src.config)
     job = Job(source, to, src, adapter, adapter.layout(src.config), settings)
     method = method_class(to, adapter, src.config)(job, method_options)
     method.check()

@@ -38,6 +38,8 @@ class MLADetails(Mapping):
     query_bias_via_q_lora: bool | None = None
     model_class: str | None = None
     qk_norm: str | None = None
+    runtime: str | None = None  # DEEPSEEK: "transformers" or "vllm" (bias-free, vLLM's kernel shapes)
+    latent_padding: int | None = None  # vLLM: zero latent rows beyond the source's rank
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -116,8 +118,10 @@ class MLARecord(ConversionRecord):
             scales = f" and {m.key_norm_scales} key-norm gains" if m.key_norm_scales else ""
             return (f"multi-head latent attention: latent rank {m.kv_rank}, a {m.rope_dim}-dim RoPE key shared by "
                     f"all {heads} heads{scales} per token (kvslim's hosted class)")
-        return (f"multi-head latent attention (DeepSeek-V3 format): latent rank {m.kv_rank} (+{m.latent_anchor} "
-                f"anchor) and a {m.rope_dim}-dim RoPE key shared by all {heads} heads")
+        pad = f", +{m.latent_padding} padding" if m.latent_padding else ""
+        serve = ", for vLLM" if m.runtime == "vllm" else ""
+        return (f"multi-head latent attention (DeepSeek-V3 format{serve}): latent rank {m.kv_rank} (+{m.latent_anchor} "
+                f"anchor{pad}) and a {m.rope_dim}-dim RoPE key shared by all {heads} heads")
 
 
 def _variant_of_version_1(mla: dict) -> str:

@@ -224,6 +224,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
 def _open_directory(directory: Path, spec: str) -> CheckpointSource:
     from transformers import AutoConfig
 
+    from ..modeling.hosted import register_for
+
     if not (directory / "config.json").is_file():
         ggufs = sorted(directory.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -234,6 +236,8 @@ def _open_directory(directory: Path, spec: str) -> CheckpointSource:
             + "."
         )
     try:
+        # kvslim's own hosted classes are not remote code: they are registered, never trusted
+        register_for(str(json.loads((directory / "config.json").read_text()).get("model_type", "")))
         config = AutoConfig.from_pretrained(str(directory))  # never trust_remote_code
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         raise ConversionError(f"Cannot read the config of '{spec}': {exc}") from None

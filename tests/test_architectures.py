@@ -8,66 +8,26 @@ aware merge can fold is exact (mean cannot); outputs reload with kvslim imported
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import kvslim
 
-IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
-CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
-
-
-def gpt2(heads=4, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=heads, vocab_size=320, n_positions=128, bos_token_id=1,
-                        eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
-
-
-def bert(heads=4, seed=0):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=heads, intermediate_size=96,
-                        vocab_size=320, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return BertModel(config).eval()
-
-
-def phi3(heads=4, kv_heads=4, seed=0, **extra):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        intermediate_size=96, vocab_size=320, max_position_embeddings=128, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0, **extra)
-    return Phi3ForCausalLM(config).eval()
-
-
-def outputs(model, ids=IDS, mask=None):
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def greedy_without_cache(model, steps: int, ids=IDS[:1]) -> torch.Tensor:
-    """The tokens greedy generate() must give: one full forward per step, no cache."""
-    for _ in range(steps):
-        ids = torch.cat([ids, outputs(model, ids)[:, -1:].argmax(-1)], dim=1)
-    return ids
-
-
-def load(path, kind="causal", **kwargs):
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    kvslim.register()  # kvslim's hosted classes, as a user with kvslim installed loads them
-    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
-    return auto.from_pretrained(str(path), attn_implementation="eager", **kwargs).eval()
+from common import (
+    CALIB,
+    IDS,
+    bert,
+    fresh_interpreter_outputs,
+    gpt2,
+    greedy_without_cache,
+    load,
+    make_model,
+    neox,
+    opt,
+    outputs,
+    phi3,
+)
 
 
 def _heads(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -111,29 +71,6 @@ def bert_views(model, layer):
     o = model.encoder.layer[layer].attention.output.dense
     return (s.query.weight.data, s.query.bias.data, s.key.weight.data, s.key.bias.data, s.value.weight.data,
             s.value.bias.data, o.weight.data)
-
-
-def fresh_interpreter_outputs(path, kind: str, tmp_path) -> torch.Tensor:
-    """Load `path` with trust_remote_code=True in a new Python where importing kvslim fails."""
-    out = tmp_path / f"remote-{kind}.pt"
-    code = f"""
-import sys, torch
-sys.modules["kvslim"] = None  # kvslim is not available here
-from transformers import AutoModel, AutoModelForCausalLM
-auto = AutoModelForCausalLM if {kind!r} == "causal" else AutoModel
-model = auto.from_pretrained({str(path)!r}, trust_remote_code=True, attn_implementation="eager").eval()
-assert "kvslim" not in type(model).__module__.split(".")[0]
-ids = torch.tensor({IDS.tolist()})
-with torch.no_grad():
-    o = model(input_ids=ids)
-torch.save((o.logits if hasattr(o, "logits") else o.last_hidden_state, type(model).__name__), {str(out)!r})
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result, name = torch.load(out)
-    assert name.startswith("Kvslim")
-    return result
 
 
 # ---- GPT-2 --------------------------------------------------------------------------------------
@@ -273,16 +210,6 @@ def load_mean(src, tmp_path):
 # ---- OPT ------------------------------------------------------------------------------------------
 
 
-def opt(heads=4, seed=0):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    config = OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=96, num_attention_heads=heads, vocab_size=320,
-                       max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0, dropout=0.0, attention_dropout=0.0)
-    return OPTForCausalLM(config).eval()
-
-
 def opt_views(model, layer):
     a = model.model.decoder.layers[layer].self_attn
     return (a.q_proj.weight.data, a.q_proj.bias.data, a.k_proj.weight.data, a.k_proj.bias.data,
@@ -308,16 +235,6 @@ def test_opt_gqa_is_exact_where_it_should_be_and_loads_remotely(save_model, tmp_
 
 
 # ---- GPT-NeoX / Pythia (fused per-head interleaved qkv, partial rotary) ---------------------------
-
-
-def neox(heads=4, seed=0, rotary_pct=0.25):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=heads,
-                           vocab_size=320, max_position_embeddings=128, rotary_pct=rotary_pct, bos_token_id=1,
-                           eos_token_id=2, hidden_dropout=0.0, attention_dropout=0.0)
-    return GPTNeoXForCausalLM(config).eval()
 
 
 def test_gpt_neox_identity_duplicates_and_aware(save_model, tmp_path, text_file):
@@ -438,7 +355,6 @@ def test_moe_calibrated_gqa_keeps_every_expert(arch, save_model, tmp_path, text_
     those through Transformers, and the output keeps every non-attention tensor unchanged."""
     from safetensors.torch import load_file
 
-    from conftest import make_model
 
     src = save_model(make_model(arch, 8, 4), arch)
     record = kvslim.convert(str(src), tmp_path / "gqa", to="gqa", kv_heads=2, calib_data=str(text_file),

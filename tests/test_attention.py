@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import kvslim.modeling as km
 
-from conftest import make_model
+from common import make_model
 
 IDS = torch.randint(3, 320, (2, 10), generator=torch.Generator().manual_seed(0))
 PADDED = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 10])  # left padding in the first row

@@ -23,8 +23,7 @@ import kvslim
 from kvslim.compat import cache_argument, output_cache
 from kvslim.recipes.publish import CAUSAL_LM_CLASSES
 
-from conftest import make_model
-from test_architectures import IDS, gpt2, greedy_without_cache, load, neox, opt, phi3
+from common import IDS, gpt2, greedy_without_cache, load, make_model, neox, opt, phi3
 
 STEPS = 6
 FAST = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from kvslim.cli import app
 
-from conftest import load, make_model
+from common import load, make_model
 
 runner = CliRunner()
 FAST = ["--calib-samples", "8", "--calib-seq-len", "32", "--refine-steps", "5"]
@@ -356,7 +356,7 @@ def test_source_without_tokenizer_and_tokenizer_option(src, tmp_path, text_file,
 def test_short_context_model_gets_windows_fitted(save_model, tmp_path, text_file, caplog):
     import logging
 
-    from test_architectures import gpt2
+    from common import gpt2
 
     src = save_model(gpt2(), "gpt2")  # 128 positions, learned: the default 512-token windows cannot run
     out = tmp_path / "out"

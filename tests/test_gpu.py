@@ -16,7 +16,7 @@ import kvslim
 import kvslim.modeling as km
 from kvslim.recipes.uptrain import UptrainConfig, run
 
-from conftest import load, logits, make_model
+from common import load, logits, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CALIB = dict(calib_samples=8, calib_seq_len=32, progress=False)
@@ -27,7 +27,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def source_model(name: str):
-    from test_architectures import gpt2
+    from common import gpt2
 
     return gpt2() if name == "gpt2" else make_model(name, 8, 8 if name == "llama" else 2)
 

@@ -10,7 +10,7 @@ import torch
 from kvslim.convert import ConversionError, convert_attention, get_adapter
 from kvslim.convert.gqa import AttentionWeights, pair_indices, pairwise_merge_cost, plan_groups
 
-from conftest import logits, make_model
+from common import logits, make_model
 
 
 def read_weights(model, i: int) -> AttentionWeights:

@@ -8,24 +8,17 @@ import torch
 
 import kvslim
 
-from conftest import make_model
-from test_architectures import CALIB, IDS, fresh_interpreter_outputs, greedy_without_cache, load, neox, outputs
-
-
-def neox_shared_rotary_keys(rotary_pct=0.5):
-    """GPT-NeoX whose heads share their rotary key dims (free dims and values differ): the kind of
-    multi-head key one shared RoPE key reproduces exactly."""
-    model = neox(rotary_pct=rotary_pct)
-    hd, nh = 16, 4
-    rot = int(hd * rotary_pct)
-    with torch.no_grad():
-        for layer in model.gpt_neox.layers:
-            qkv = layer.attention.query_key_value
-            per_head = qkv.weight.view(nh, 3, hd, -1)
-            bias = qkv.bias.view(nh, 3, hd)
-            per_head[1:, 1, :rot] = per_head[0, 1, :rot]
-            bias[1:, 1, :rot] = bias[0, 1, :rot]
-    return model
+from common import (
+    CALIB,
+    IDS,
+    fresh_interpreter_outputs,
+    greedy_without_cache,
+    load,
+    make_model,
+    neox,
+    neox_shared_rotary_keys,
+    outputs,
+)
 
 
 def source(arch):

@@ -14,7 +14,7 @@ from kvslim.cli import app
 from kvslim.convert import ConversionError, get_adapter
 from kvslim.convert.mla import MLAShape, shape_for_budget
 
-from conftest import load, logits, make_model
+from common import load, logits, make_model
 
 CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
 

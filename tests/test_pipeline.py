@@ -11,7 +11,7 @@ from test_gqa_math import IDS, convert_in_memory
 import kvslim
 from kvslim.convert import RECORD_FILE
 
-from conftest import load, logits, make_model
+from common import load, logits, make_model
 
 CALIB = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import make_model
+from common import make_model
 from hub_server import FakeHub
 
 TOKEN = "hf_kvslimTestToken0123456789abcdefXYZ"
@@ -138,7 +138,7 @@ def test_user_readme_is_kept(converted, tmp_path):
 def test_card_for_a_hosted_mla_model(save_model, tmp_path, text_file):
     from kvslim.recipes.publish import render_card
 
-    from test_architectures import gpt2
+    from common import gpt2
 
     src = save_model(gpt2(), "gpt2")
     out = tmp_path / "mla"

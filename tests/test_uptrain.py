@@ -14,7 +14,7 @@ from kvslim.recipes import uptrain as recipe
 from kvslim.recipes.data import collate, pack_documents
 from kvslim.recipes.uptrain import UptrainConfig, UptrainError
 
-from conftest import load, make_model
+from common import load, make_model
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_tensorboard_logging_and_bad_tracker(setup, tmp_path):
 
 
 def _source_for(model_type: str):
-    from test_architectures import gpt2, neox, opt, phi3
+    from common import gpt2, neox, opt, phi3
 
     builders = {"gpt2": gpt2, "opt": opt, "gpt_neox": neox, "phi3": phi3}
     return builders[model_type]() if model_type in builders else make_model(model_type, 8, 8)

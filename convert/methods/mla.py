@@ -11,6 +11,7 @@ The math is in convert/mla.py.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,6 +41,13 @@ from .base import ConversionMethod, LayerOutput
 
 # DeepseekV3 tensors that implement the latent-norm anchors: the refinement leaves them alone.
 ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_proj")
+# Without biases (vLLM) the anchor row sits in kv_a_proj_with_mqa's weight: one huge row would set
+# the per-tensor step size of every other row, so the down-projection stays as solved.
+ANCHORED_BIAS_FREE = ("kv_a_proj_with_mqa",)
+RUNTIMES = ("transformers", "vllm")
+# (kv_lora_rank, qk_rope_head_dim) vLLM's MLA kernels take: FlashMLA and the CPU decode kernel
+# need 512 + 64 = 576 cached elements per token and layer; some GPU backends also take 256 + 64.
+VLLM_SHAPES = ((512, 64), (256, 64))
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,11 @@ class MLAOptions:
     rope_dim: int | None = None
     mla_init: str = "whitened"
     rope_strategy: str = "rotate"
+    runtime: str = "transformers"  # vllm: a DeepseekV3 checkpoint inside vLLM's kernel constraints
 
     def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ConversionError(f"Unknown --runtime '{self.runtime}'; valid: {', '.join(RUNTIMES)}.")
         if self.mla_init not in INITS:
             raise ConversionError(f"Unknown --mla-init '{self.mla_init}'; valid: {', '.join(INITS)}.")
         if self.rope_strategy not in ROPE_STRATEGIES:
@@ -114,13 +125,53 @@ def source_frequencies(config) -> torch.Tensor:
     return 1.0 / (rope["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
 
 
-def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], query_bias: bool):
-    """DeepseekV3Config reproducing the source's shape with an MLA attention."""
+def vllm_shape(options: MLAOptions, layout) -> tuple[MLAShape, int]:
+    """(shape, zero latent rows) for --runtime vllm: one of VLLM_SHAPES, from --kv-rank (the
+    cached latent, anchor included), --kv-budget, or 512 + 64 when neither is given."""
+    source = 2 * layout.num_kv_heads * layout.head_dim
+    valid = [r + p for r, p in VLLM_SHAPES]
+    shapes = "; ".join(f"--kv-rank {r} --rope-dim {p} ({r + p} elements, --kv-budget {(r + p) / source:.4f})"
+                       for r, p in VLLM_SHAPES)
+    if layout.head_dim < 64:
+        raise ConversionError(f"--runtime vllm needs a head dim of at least 64 (vLLM's MLA kernels take a 64-dim "
+                              f"RoPE key from each head); this model's is {layout.head_dim}. Use --runtime "
+                              "transformers.")
+    if options.rope_dim not in (None, 64):
+        raise ConversionError(f"--runtime vllm uses a 64-dim RoPE key; --rope-dim {options.rope_dim} is not one "
+                              f"vLLM's kernels take. Valid shapes: {shapes}.")
+    if options.kv_rank is not None and options.kv_budget is not None:
+        raise ConversionError("Give either --kv-budget or --kv-rank, not both.")
+    latent, rope = VLLM_SHAPES[0]
+    if options.kv_rank is not None:
+        if options.kv_rank not in [r for r, _ in VLLM_SHAPES]:
+            raise ConversionError(f"--runtime vllm: --kv-rank {options.kv_rank} is not a latent vLLM's kernels "
+                                  f"take. Valid shapes: {shapes}.")
+        latent = options.kv_rank
+    elif options.kv_budget is not None:
+        elements = int(math.floor(options.kv_budget * source + 1e-9))
+        if elements not in valid:
+            nearest = min(VLLM_SHAPES, key=lambda s: abs(s[0] + s[1] - elements))
+            raise ConversionError(
+                f"--runtime vllm: --kv-budget {options.kv_budget:g} gives {elements} cache elements per token and "
+                f"layer (of the source's {source}); vLLM's kernels take {' or '.join(map(str, valid))}. Nearest: "
+                f"--kv-budget {(nearest[0] + nearest[1]) / source:.4f} ({nearest[0]} + {nearest[1]}). Valid "
+                f"shapes: {shapes}.")
+        latent = VLLM_SHAPES[valid.index(elements)][0]
+    rank = min(latent - 1, max_latent_rank(layout, layout.hidden_size))  # one latent element is the anchor
+    return MLAShape(rank, rope), latent - 1 - rank
+
+
+def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], query_bias: bool, *,
+                    bias_free: bool = False, padding: int = 0):
+    """DeepseekV3Config reproducing the source's shape with an MLA attention (`bias_free`: no
+    attention biases, the query bias folded into q_proj, for vLLM)."""
     from transformers import DeepseekV3Config
 
     text = text_config(source_config)
     hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     start, stride = window
+    if bias_free and start != 0:  # vLLM rewrites any other rope_type to its own scaling
+        raise ConversionError("--runtime vllm needs the RoPE frequencies to start at the fastest pair.")
     base = text.rope_parameters["rope_theta"]
     rope_theta = base ** (stride * shape.rope_dim / hd)
     factor = base ** (2 * start / hd)
@@ -132,10 +183,11 @@ def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], que
         num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_attention_heads,
         n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
         first_k_dense_replace=text.num_hidden_layers,  # dense MLP everywhere: no MoE layer is built
-        kv_lora_rank=shape.kv_rank + 1, q_lora_rank=(text.hidden_size + 1) if query_bias else None,
+        kv_lora_rank=shape.kv_rank + 1 + padding,
+        q_lora_rank=(text.hidden_size + 1) if query_bias and not bias_free else None,
         qk_rope_head_dim=shape.rope_dim, qk_nope_head_dim=hd, v_head_dim=hd,
         hidden_act=text.hidden_act, max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps, rope_parameters=rope, rope_interleave=True, attention_bias=True,
+        rms_norm_eps=text.rms_norm_eps, rope_parameters=rope, rope_interleave=True, attention_bias=not bias_free,
         attention_dropout=getattr(text, "attention_dropout", 0.0), tie_word_embeddings=text.tie_word_embeddings,
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=getattr(text, "pad_token_id", None),
         initializer_range=getattr(text, "initializer_range", 0.02),
@@ -153,7 +205,9 @@ class DeepseekMLA(_MLA):
 
     def check(self) -> None:
         job = self.job
-        self.shape = self.options.shape(job.layout)
+        self.vllm = self.options.runtime == "vllm"
+        self.shape, self.padding = vllm_shape(self.options, job.layout) if self.vllm else \
+            (self.options.shape(job.layout), 0)
         self.theta = source_frequencies(job.src.config)
         self.query_bias = job.adapter.tensor_name(0, job.adapter.q_proj, "bias") in job.src.reader.keys()
 
@@ -172,7 +226,8 @@ class DeepseekMLA(_MLA):
             probe.advance(i, source_layers[i], {})
         del probe
         self.window = rope_progression(gains, self.shape.rope_dim // 2)
-        return self._config_dtype(deepseek_config(job.src.config, self.shape, self.window, self.query_bias))
+        return self._config_dtype(deepseek_config(job.src.config, self.shape, self.window, self.query_bias,
+                                                  bias_free=self.vllm, padding=self.padding))
 
     def _frequency_gain(self, weights, cov) -> torch.Tensor:
         """Per-frequency benefit of keeping a pair under RoPE (the criterion the layer conversion uses)."""
@@ -186,12 +241,30 @@ class DeepseekMLA(_MLA):
         self.rotary = target_model.model.rotary_emb.to(self.job.settings.device)
 
     def new_record(self, common: dict) -> MLARecord:
-        shape = self.shape
-        return self._record(common, MLADetails(
-            DEEPSEEK, shape.kv_rank, shape.rope_dim, shape.cache_elements, self.options.mla_init,
+        shape, layout = self.shape, self.job.layout
+        record = self._record(common, MLADetails(
+            DEEPSEEK, shape.kv_rank, shape.rope_dim, shape.cache_elements + self.padding, self.options.mla_init,
             self.options.rope_strategy, latent_anchor=1, context_for_beta=self.job.settings.calib_seq_len,
             rope_frequencies={"start": self.window[0], "stride": self.window[1]},
-            query_bias_via_q_lora=self.query_bias))
+            query_bias_via_q_lora=self.query_bias and not self.vllm, runtime=self.options.runtime,
+            latent_padding=self.padding or None))
+        if self.vllm:
+            source = 2 * layout.num_kv_heads * layout.head_dim
+            record.notes.append(
+                "vLLM runtime: no bias tensors (vLLM's DeepSeek attention has none); the latent's anchor"
+                + (" and the source's biases" if self.query_bias or self._has_kv_bias() else "")
+                + " read a constant off the input by least squares (u.x ~ 1), so the closed form is approximate"
+                " where u.x varies; refinement absorbs part of it.")
+            if shape.cache_elements + self.padding > source:
+                record.notes.append(
+                    f"vLLM's kernels cache {shape.cache_elements + self.padding} elements per token and layer, more "
+                    f"than this source's {source} (K and V): the latent is padded with {self.padding} zero rows "
+                    "and the cache costs more memory than the source's, not less.")
+        return record
+
+    def _has_kv_bias(self) -> bool:
+        adapter = self.job.adapter
+        return adapter.tensor_name(0, adapter.k_proj, "bias") in self.job.src.reader.keys()
 
     def progress_label(self) -> str:
         return f"MLA ({self.options.mla_init}, rank {self.shape.kv_rank}, rope {self.shape.rope_dim})"
@@ -201,12 +274,14 @@ class DeepseekMLA(_MLA):
         layer = convert_attention_mla(
             weights, job.layout, self.shape, self.theta, cov=cov, init=self.options.mla_init,
             rope_strategy=self.options.rope_strategy, context=job.settings.calib_seq_len,
-            source_scaling=job.layout.head_dim ** -0.5, rope_layout=adapter.rope_layout, rope_window=self.window)
+            source_scaling=job.layout.head_dim ** -0.5, rope_layout=adapter.rope_layout, rope_window=self.window,
+            bias_free=self.vllm, latent_rows=self.shape.kv_rank + self.padding)
         attn_prefix = f"{adapter.prefix(index)}{adapter.attention_module}."
         renamed, replaced = adapter.deepseek_layer_tensors(job.src.reader, index)
         dropped = set(adapter.write(weights, index)) | replaced
         return LayerOutput(layer.tensors(attn_prefix), extra=renamed, call=self._target_call(runner, index),
-                           frozen=ANCHORED, drops=lambda name: name in dropped or name.startswith(attn_prefix))
+                           frozen=ANCHORED_BIAS_FREE if self.vllm else ANCHORED,
+                           drops=lambda name: name in dropped or name.startswith(attn_prefix))
 
     def _target_call(self, runner, index: int) -> dict:
         """The source layer's arguments with DeepseekV3's own rotary embeddings."""
@@ -223,6 +298,14 @@ class DeepseekMLA(_MLA):
 # -- kvslim's hosted classes -----------------------------------------------------------------------
 
 
+def _refuse_vllm(method) -> None:
+    if method.options.runtime == "vllm":
+        raise ConversionError(
+            f"--runtime vllm writes DeepseekV3 checkpoints; '{method.job.src.model_type}' converts to kvslim's "
+            f"hosted class {method.hosted_class()!r} (its blocks are not DeepseekV3's), which stock vLLM does not "
+            "serve. Use --runtime transformers.")
+
+
 class LatentMLA(_MLA):
     """Hosted class, no rotary embeddings (GPT-2, OPT, BERT): keys and values of all heads from one
     cached latent (modeling/hosted/kvslim_attention.py)."""
@@ -233,6 +316,7 @@ class LatentMLA(_MLA):
 
     def check(self) -> None:
         layout = self.job.layout
+        _refuse_vllm(self)
         if self.options.rope_dim is not None:
             raise ConversionError(f"--rope-dim does not apply: '{self.job.src.model_type}' has no rotary embeddings.")
         rank = self.options.kv_rank
@@ -285,6 +369,7 @@ class LatentRopeMLA(_MLA):
 
     def check(self) -> None:
         job, layout = self.job, self.job.layout
+        _refuse_vllm(self)
         self.rope_layout = job.adapter.rope(job.src.config)
         self.re, _ = pair_indices(layout.head_dim, self.rope_layout)
         self.scales = layout.num_kv_heads if job.adapter.qk_norm else 0  # one key-norm gain per source KV head
