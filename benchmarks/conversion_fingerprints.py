@@ -62,24 +62,6 @@ def build_source(name: str, root: Path, tokenizer: Path) -> Path:
     return path
 
 
-def tokenizer(root: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from common import sample_text
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([sample_text(3000, seed=s) for s in range(3)], trainer)
-    path = root / "tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(path))
-    return path
-
-
 def _normalised(value, root: str):
     """Without the wall time, and with the temporary work directory's name replaced."""
     if isinstance(value, dict):
@@ -114,14 +96,14 @@ def main() -> None:
     args = parser.parse_args()
     import kvslim
 
-    from common import sample_text
+    from common import build_tokenizer, sample_text
 
     torch.set_num_threads(2)  # the same reduction order every run
     cases = CASES + (REAL if (SHARED / "models" / "llama-mha-gutenberg").exists() else [])
     results = {}
     with tempfile.TemporaryDirectory() as work:
         root = Path(work)
-        tok = tokenizer(root)
+        tok = build_tokenizer(root / "tokenizer")
         calib = root / "calib.txt"
         calib.write_text(sample_text(8000, seed=7))
         for source, options in cases:

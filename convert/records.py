@@ -40,6 +40,7 @@ class MLADetails(Mapping):
     qk_norm: str | None = None
     runtime: str | None = None  # DEEPSEEK: "transformers" or "vllm" (bias-free, vLLM's kernel shapes)
     latent_padding: int | None = None  # vLLM: zero latent rows beyond the source's rank
+    constant_fit_error: list | None = None  # vLLM: per layer, relative RMS error of u.x as the constant 1
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

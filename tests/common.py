@@ -27,6 +27,22 @@ def sample_text(n_words: int = 6000, seed: int = 0) -> str:
     return " ".join(sentences)
 
 
+def build_tokenizer(path):
+    """A small byte-level BPE tokenizer trained on `sample_text`, saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([sample_text(3000, seed=s) for s in range(3)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return path
+
+
 def tiny_config(model_type: str = "llama", heads: int = 8, kv_heads: int = 8, **overrides):
     from transformers import AutoConfig
 

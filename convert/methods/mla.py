@@ -26,6 +26,7 @@ from ..mla import (
     MLAShape,
     check_rank,
     check_shape,
+    constant_fit,
     convert_attention_latent,
     convert_attention_latent_rope,
     convert_attention_mla,
@@ -209,6 +210,7 @@ class DeepseekMLA(_MLA):
         self.shape, self.padding = vllm_shape(self.options, job.layout) if self.vllm else \
             (self.options.shape(job.layout), 0)
         self.theta = source_frequencies(job.src.config)
+        self.constant_errors: list[float] = []
         self.query_bias = job.adapter.tensor_name(0, job.adapter.q_proj, "bias") in job.src.reader.keys()
 
     def output_config(self, runner):
@@ -276,12 +278,18 @@ class DeepseekMLA(_MLA):
             rope_strategy=self.options.rope_strategy, context=job.settings.calib_seq_len,
             source_scaling=job.layout.head_dim ** -0.5, rope_layout=adapter.rope_layout, rope_window=self.window,
             bias_free=self.vllm, latent_rows=self.shape.kv_rank + self.padding)
+        if self.vllm:
+            self.constant_errors.append(round(constant_fit(cov.double()), 6))
         attn_prefix = f"{adapter.prefix(index)}{adapter.attention_module}."
         renamed, replaced = adapter.deepseek_layer_tensors(job.src.reader, index)
         dropped = set(adapter.write(weights, index)) | replaced
         return LayerOutput(layer.tensors(attn_prefix), extra=renamed, call=self._target_call(runner, index),
                            frozen=ANCHORED_BIAS_FREE if self.vllm else ANCHORED,
                            drops=lambda name: name in dropped or name.startswith(attn_prefix))
+
+    def finish(self, record: MLARecord) -> None:
+        if self.vllm:
+            record.mla = replace(record.mla, constant_fit_error=self.constant_errors)
 
     def _target_call(self, runner, index: int) -> dict:
         """The source layer's arguments with DeepseekV3's own rotary embeddings."""

@@ -1,0 +1,216 @@
+"""kvslim's `--runtime vllm` MLA output served by stock vLLM, checked against Transformers.
+
+For synthetic Llama and Qwen2 sources (4 heads, head_dim 128, hidden 512: KV 1,024 elements per
+token and layer; Qwen2 with Q/K/V biases), each converted with `--to mla --runtime vllm` (512 + 64):
+- in vLLM (its CPU_MLA backend) against Transformers on the same checkpoint: prompt logprobs of a
+  random 48-token sequence (max |difference| <= 0.05) and 16 greedy tokens (identical);
+- the default runtime's output (attention biases) in vLLM, as the control that shows why;
+- quality at the same cache size, `--runtime vllm` against the default runtime: perplexity on
+  text sampled from the source model itself (a random model has no corpus of its own);
+- vLLM decode throughput and KV bytes per token, converted against the source served by the
+  same vLLM, at batch 1 and 8 with a 2K-token context.
+
+vLLM lives in its own environment (`bash .ci/setup_vllm VENV`, about 8 minutes); then
+
+    python benchmarks/vllm_serving.py --vllm-python VENV/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests"))
+STEPS, PROMPT, LOGPROB_TOLERANCE = 16, 48, 0.05
+
+
+def synthetic_source(model_type: str, path: Path, build_tokenizer) -> Path:
+    """A random model with peaked next-token distributions (init std 0.1), so that greedy
+    decoding has margins that fp32 kernel differences cannot flip."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=512, intermediate_size=1024,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
+                                  max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, initializer_range=0.1)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(str(path))
+    build_tokenizer(path)  # calibration reads text through it
+    return path
+
+
+def sampled_text(model, n: int, length: int, seed: int) -> torch.Tensor:
+    """Token sequences sampled from `model` at temperature 1: text whose perplexity it defines."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (n, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            probs = model(input_ids=ids).logits[:, -1].float().softmax(-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], dim=1)
+    return ids
+
+
+def perplexity(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    return float(torch.exp(-logp.gather(-1, ids[:, 1:, None]).mean()))
+
+
+def transformers_reference(path: Path, prompt: list[int]) -> dict:
+    """Prompt logprobs and greedy tokens (full forwards, no cache, EOS ignored) in Transformers."""
+    from transformers import AutoModelForCausalLM
+
+    import kvslim
+
+    kvslim.register()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        seq = ids
+        for _ in range(STEPS):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    return {"prompt_logprobs": [None] + [float(logp[i, t]) for i, t in enumerate(prompt[1:])],
+            "greedy": seq[0, len(prompt):].tolist()}
+
+
+def in_vllm(vllm_python: str, path: Path, prompt: list[int], work: Path, throughput: bool) -> dict:
+    job = {"path": str(path), "prompt": prompt, "steps": STEPS}
+    if throughput:
+        rng = random.Random(1)
+        job.update(max_model_len=2048 + 64, throughput_batches=[1, 8], decode_tokens=32,
+                   long_prompts=[[rng.randrange(3, 500) for _ in range(2000)] for _ in range(8)])
+    job_file, out_file = work / f"{path.name}-job.json", work / f"{path.name}-vllm.json"
+    job_file.write_text(json.dumps(job))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([vllm_python, str(ROOT / "benchmarks" / "vllm_child.py"), str(job_file), str(out_file)],
+                          capture_output=True, text=True, env=env, cwd=work, timeout=1200)
+    if not out_file.exists():
+        return {"error": f"vLLM exited {proc.returncode}: {proc.stderr[-2000:]}"}
+    return json.loads(out_file.read_text())
+
+
+def compare(reference: dict, served: dict) -> dict:
+    if "error" in served:
+        return {"loads": False, "error": served["error"][-600:]}
+    diffs = [abs(a - b) for a, b in zip(reference["prompt_logprobs"][1:], served["prompt_logprobs"][1:])]
+    same = reference["greedy"] == served["greedy"]
+    return {"loads": True, "architecture": served["architecture"], "max_abs_logprob_diff": round(max(diffs), 5),
+            "greedy_identical": same, "passes": max(diffs) <= LOGPROB_TOLERANCE and same,
+            "greedy_transformers": reference["greedy"], "greedy_vllm": served["greedy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", default=os.environ.get("KVSLIM_VLLM_PYTHON"),
+                        help="python of an environment with stock vLLM (see .ci/setup_vllm)")
+    parser.add_argument("--refine-steps", type=int, default=100)
+    parser.add_argument("--out", default="vllm_serving")
+    args = parser.parse_args()
+    if not args.vllm_python:
+        sys.exit("Pass --vllm-python (or set KVSLIM_VLLM_PYTHON): a python with stock vLLM, see .ci/setup_vllm.")
+    from transformers import AutoModelForCausalLM
+
+    import kvslim
+
+    from common import build_tokenizer, sample_text
+
+    torch.set_num_threads(2)
+    rng = random.Random(0)
+    prompt = [rng.randrange(3, 500) for _ in range(PROMPT)]
+    rows, quality, speed = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib = work / "calib.txt"
+        calib.write_text(sample_text(20000, seed=3))
+        for model_type in ("llama", "qwen2"):
+            src = synthetic_source(model_type, work / f"{model_type}-src", build_tokenizer)
+            source_model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+            text = sampled_text(source_model, 8, 128, seed=5)
+            common = dict(calib_data=str(calib), calib_samples=32, calib_seq_len=128,
+                          refine_steps=args.refine_steps, progress=False)
+            outputs = {
+                "vllm": kvslim.convert(str(src), work / f"{model_type}-mla-vllm", to="mla", runtime="vllm", **common),
+                "transformers": kvslim.convert(str(src), work / f"{model_type}-mla-transformers", to="mla",
+                                               kv_budget=576 / 1024, **common),
+            }
+            q = {"model": f"synthetic {model_type}", "source_perplexity": round(perplexity(source_model, text), 3)}
+            for runtime, record in outputs.items():
+                model = AutoModelForCausalLM.from_pretrained(str(work / f"{model_type}-mla-{runtime}")).eval()
+                q[runtime] = {"perplexity": round(perplexity(model, text), 3),
+                              "cache_elements_per_layer": record.mla["cache_elements_per_layer"],
+                              "kv_rank": record.mla["kv_rank"], "rope_dim": record.mla["rope_dim"],
+                              "seconds": record.seconds}
+            quality.append(q)
+            checkpoints = [(f"{model_type}-mla-vllm", "--runtime vllm"),
+                           (f"{model_type}-mla-transformers", "--runtime transformers (control)")]
+            if model_type == "llama":
+                checkpoints.append((f"{model_type}-src", "source (unconverted)"))
+            for name, label in checkpoints:
+                path = work / name
+                served = in_vllm(args.vllm_python, path, prompt, work, throughput=model_type == "llama"
+                                 and name in ("llama-mla-vllm", "llama-src"))
+                row = {"model": f"synthetic {model_type}", "checkpoint": label,
+                       **compare(transformers_reference(path, prompt), served)}
+                rows.append(row)
+                if served.get("throughput"):
+                    cfg = json.loads((path / "config.json").read_text())
+                    per_layer = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] if "kv_lora_rank" in cfg else \
+                        2 * cfg["num_key_value_heads"] * cfg["head_dim"]
+                    for t in served["throughput"]:
+                        speed.append({"checkpoint": label, "kv_bytes_per_token": per_layer * cfg["num_hidden_layers"] * 4,
+                                      **t})
+                print(json.dumps(row), flush=True)
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "vllm_python": args.vllm_python, "date": dt.date.today().isoformat()}
+    result = {"machine": machine, "check": rows, "quality": quality, "throughput": speed,
+              "tolerance": LOGPROB_TOLERANCE, "steps": STEPS, "prompt_tokens": PROMPT,
+              "refine_steps": args.refine_steps}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(markdown(result))
+    print(markdown(result))
+    if not all(r.get("passes") for r in rows if r["checkpoint"] != "--runtime transformers (control)"):
+        sys.exit(1)
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# kvslim MLA output in stock vLLM ({m['date']})", "",
+             f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}; vLLM from `{m['vllm_python']}`.", "",
+             f"Prompt logprobs of a random {r['prompt_tokens']}-token sequence and {r['steps']} greedy tokens, "
+             f"vLLM (CPU) against Transformers on the same checkpoint, fp32. Pass: max |difference| <= "
+             f"{r['tolerance']} and identical tokens.", "",
+             "| model | checkpoint | loads in vLLM | max abs logprob diff | greedy identical | pass |", "|---|---|---|---|---|---|"]
+    for row in r["check"]:
+        lines.append(f"| {row['model']} | {row['checkpoint']} | {row['loads']} | {row.get('max_abs_logprob_diff', '-')} | "
+                     f"{row.get('greedy_identical', '-')} | {row.get('passes', False)} |")
+    lines += ["", f"Quality at the same cache size (576 elements per token and layer of the source's 1,024; "
+              f"{r['refine_steps']} refinement steps), perplexity on 8 x 128 tokens sampled from each source:", "",
+              "| model | source | --runtime transformers (shape) | --runtime vllm (512 + 64) |", "|---|---|---|---|"]
+    for q in r["quality"]:
+        t, v = q["transformers"], q["vllm"]
+        lines.append(f"| {q['model']} | {q['source_perplexity']} | {t['perplexity']} (rank {t['kv_rank']} + RoPE "
+                     f"{t['rope_dim']}) | {v['perplexity']} |")
+    if r["throughput"]:
+        lines += ["", "vLLM (CPU) decode throughput, 2K-token context, 32 new tokens per sequence:", "",
+                  "| checkpoint | batch | KV bytes/token | decode tokens/s |", "|---|---|---|---|"]
+        for t in r["throughput"]:
+            lines.append(f"| {t['checkpoint']} | {t['batch']} | {t['kv_bytes_per_token']:,} | {t['decode_tokens_per_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
