@@ -36,18 +36,35 @@ sys.path.insert(0, str(ROOT / "tests"))
 STEPS, PROMPT, LOGPROB_TOLERANCE = 16, 48, 0.05
 
 
-def synthetic_source(model_type: str, path: Path, build_tokenizer) -> Path:
-    """A random model with peaked next-token distributions (init std 0.1), so that greedy
-    decoding has margins that fp32 kernel differences cannot flip."""
+def synthetic_source(model_type: str, path: Path, build_tokenizer, init: float) -> Path:
+    """A random model (init std `init`; Transformers' default 0.02)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=512, intermediate_size=1024,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
                                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                                  tie_word_embeddings=False, initializer_range=0.1)
+                                  tie_word_embeddings=False, initializer_range=init)
     AutoModelForCausalLM.from_config(config).eval().save_pretrained(str(path))
     build_tokenizer(path)  # calibration reads text through it
+    return path
+
+
+def native_deepseek(path: Path, init: float) -> Path:
+    """Transformers' own DeepseekV3 of the same size and shape, random, no kvslim involved: the
+    control for what vLLM does with any DeepseekV3 checkpoint."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=512, hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1,
+        n_group=1, topk_group=1, first_k_dense_replace=2, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096, rope_interleave=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
+        initializer_range=init, architectures=["DeepseekV3ForCausalLM"], bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(str(path))
     return path
 
 
@@ -117,6 +134,7 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=os.environ.get("KVSLIM_VLLM_PYTHON"),
                         help="python of an environment with stock vLLM (see .ci/setup_vllm)")
     parser.add_argument("--refine-steps", type=int, default=100)
+    parser.add_argument("--init", type=float, default=0.02, help="init std of the synthetic sources")
     parser.add_argument("--out", default="vllm_serving")
     args = parser.parse_args()
     if not args.vllm_python:
@@ -136,7 +154,7 @@ def main() -> None:
         calib = work / "calib.txt"
         calib.write_text(sample_text(20000, seed=3))
         for model_type in ("llama", "qwen2"):
-            src = synthetic_source(model_type, work / f"{model_type}-src", build_tokenizer)
+            src = synthetic_source(model_type, work / f"{model_type}-src", build_tokenizer, args.init)
             source_model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
             text = sampled_text(source_model, 8, 128, seed=5)
             common = dict(calib_data=str(calib), calib_samples=32, calib_seq_len=128,
@@ -145,6 +163,9 @@ def main() -> None:
                 "vllm": kvslim.convert(str(src), work / f"{model_type}-mla-vllm", to="mla", runtime="vllm", **common),
                 "transformers": kvslim.convert(str(src), work / f"{model_type}-mla-transformers", to="mla",
                                                kv_budget=576 / 1024, **common),
+                # vLLM's split (511 + anchor, RoPE 64) with biases: isolates what dropping them costs
+                "transformers_vllm_split": kvslim.convert(str(src), work / f"{model_type}-mla-transformers_vllm_split",
+                                                          to="mla", kv_rank=511, rope_dim=64, **common),
             }
             q = {"model": f"synthetic {model_type}", "source_perplexity": round(perplexity(source_model, text), 3)}
             for runtime, record in outputs.items():
@@ -158,6 +179,8 @@ def main() -> None:
                            (f"{model_type}-mla-transformers", "--runtime transformers (control)")]
             if model_type == "llama":
                 checkpoints.append((f"{model_type}-src", "source (unconverted)"))
+                native_deepseek(work / "native-deepseek", args.init)
+                checkpoints.append(("native-deepseek", "Transformers' own DeepseekV3, same shape (control)"))
             for name, label in checkpoints:
                 path = work / name
                 served = in_vllm(args.vllm_python, path, prompt, work, throughput=model_type == "llama"
@@ -175,14 +198,14 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "vllm_python": args.vllm_python, "date": dt.date.today().isoformat()}
-    result = {"machine": machine, "check": rows, "quality": quality, "throughput": speed,
+    result = {"machine": machine, "init": args.init, "check": rows, "quality": quality, "throughput": speed,
               "tolerance": LOGPROB_TOLERANCE, "steps": STEPS, "prompt_tokens": PROMPT,
               "refine_steps": args.refine_steps}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.out}.md").write_text(markdown(result))
     print(markdown(result))
-    if not all(r.get("passes") for r in rows if r["checkpoint"] != "--runtime transformers (control)"):
+    if not all(r.get("passes") for r in rows if "(control)" not in r["checkpoint"]):
         sys.exit(1)
 
 
@@ -191,19 +214,20 @@ def markdown(r: dict) -> str:
     lines = [f"# kvslim MLA output in stock vLLM ({m['date']})", "",
              f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}; vLLM from `{m['vllm_python']}`.", "",
              f"Prompt logprobs of a random {r['prompt_tokens']}-token sequence and {r['steps']} greedy tokens, "
-             f"vLLM (CPU) against Transformers on the same checkpoint, fp32. Pass: max |difference| <= "
-             f"{r['tolerance']} and identical tokens.", "",
+             f"vLLM (CPU) against Transformers on the same checkpoint, fp32, random weights with init std "
+             f"{r['init']}. Pass: max |difference| <= {r['tolerance']} and identical tokens.", "",
              "| model | checkpoint | loads in vLLM | max abs logprob diff | greedy identical | pass |", "|---|---|---|---|---|---|"]
     for row in r["check"]:
         lines.append(f"| {row['model']} | {row['checkpoint']} | {row['loads']} | {row.get('max_abs_logprob_diff', '-')} | "
                      f"{row.get('greedy_identical', '-')} | {row.get('passes', False)} |")
     lines += ["", f"Quality at the same cache size (576 elements per token and layer of the source's 1,024; "
               f"{r['refine_steps']} refinement steps), perplexity on 8 x 128 tokens sampled from each source:", "",
-              "| model | source | --runtime transformers (shape) | --runtime vllm (512 + 64) |", "|---|---|---|---|"]
+              "| model | source | --runtime transformers, its own split | --runtime transformers, vLLM's split "
+              "(511 + anchor + RoPE 64, biases) | --runtime vllm (512 + 64, no biases) |", "|---|---|---|---|---|"]
     for q in r["quality"]:
-        t, v = q["transformers"], q["vllm"]
+        t, s, v = q["transformers"], q["transformers_vllm_split"], q["vllm"]
         lines.append(f"| {q['model']} | {q['source_perplexity']} | {t['perplexity']} (rank {t['kv_rank']} + RoPE "
-                     f"{t['rope_dim']}) | {v['perplexity']} |")
+                     f"{t['rope_dim']}) | {s['perplexity']} | {v['perplexity']} |")
     if r["throughput"]:
         lines += ["", "vLLM (CPU) decode throughput, 2K-token context, 32 new tokens per sequence:", "",
                   "| checkpoint | batch | KV bytes/token | decode tokens/s |", "|---|---|---|---|"]

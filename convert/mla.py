@@ -431,6 +431,12 @@ def convert_attention_mla(
     kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
     kv_norm[shape.kv_rank] = 1.0
     up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
+    if bias_free:  # biases read the input's least-squares constant u.x; the anchor too, at a share set by fit
+        u = constant_direction(cov)
+        kv_a = torch.cat([kv_a[:, :d] + kv_a[:, d:] * u[None], torch.zeros(kv_a.shape[0], 1, dtype=f64)], dim=1)
+        anchor, norm_w = constant_anchor(kv_a[:shape.kv_rank, :d], cov)
+        kv_a[shape.kv_rank, :d] = anchor * u
+        kv_norm[:shape.kv_rank] = norm_w
     pad = (latent_rows or shape.kv_rank) - shape.kv_rank
     if pad > 0:  # zero latent rows: cached, never read; the norm weight keeps the RMS the anchor sets
         shrink = math.sqrt((shape.kv_rank + 1) / (shape.kv_rank + 1 + pad))  # the RMS is over more elements
@@ -453,11 +459,9 @@ def convert_attention_mla(
 
     o_bias = torch.zeros(o.shape[1], dtype=f64)
     if bias_free:
-        u = constant_direction(cov)
-        kv_a = kv_a[:, :d] + kv_a[:, d:] * u[None]
         return MLALayer(
             q_proj=cast(q_full[:, :d] + q_full[:, d:] * u[None]), q_a_proj=None, q_a_norm=None, q_b_proj=None,
-            kv_a_proj=cast(kv_a), kv_a_bias=None, kv_a_norm=cast(kv_norm),
+            kv_a_proj=cast(kv_a[:, :d]), kv_a_bias=None, kv_a_norm=cast(kv_norm),
             kv_b_proj=cast(kv_b.reshape(nh * 2 * hd, -1)), o_proj=cast(weights.o_w), o_bias=None,
             rope_start=int(start), rope_stride=int(stride),
         )
@@ -488,6 +492,27 @@ def constant_direction(cov: torch.Tensor) -> torch.Tensor:
     m, mean = cov[:d, :d], cov[:d, d]
     ridge = 1e-9 * float(m.diagonal().mean()) * torch.eye(d, dtype=cov.dtype)
     return torch.linalg.solve(m + ridge, mean)
+
+
+def constant_anchor(latent_rows: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
+    """(anchor scale A, latent norm weight) for a bias-free latent c = W x with the anchor A u.x.
+
+    RMSNorm divides by the per-token RMS of [c, A u.x]; it is a constant (and the norm linear)
+    when that RMS does not vary. Its two parts vary independently: |c|^2 with relative variance
+    V_c ~ 2 tr(S^2) / tr(S)^2 (S = E[c c^T], Gaussian estimate), (u.x)^2 with V_a ~ 4 e^2 (e: the
+    relative RMS error of u.x as 1). Giving the anchor the share w = V_c / (V_c + V_a) of the mean
+    square minimises the variance of the sum; the norm weight then undoes the mean RMS."""
+    d = cov.shape[0] - 1
+    m = cov[:d, :d]
+    s = latent_rows @ m @ latent_rows.T
+    energy = float(s.trace())
+    v_c = 2 * float((s @ s).trace()) / max(energy, 1e-30) ** 2
+    fit = constant_fit(cov)
+    q = max(1.0 - fit**2, 1e-12)  # E[(u.x)^2]
+    share = min(v_c / max(v_c + 4 * fit**2, 1e-30), 1 - 1e-6)
+    anchor = math.sqrt(share / (1 - share) * energy / q)
+    n = latent_rows.shape[0] + 1
+    return anchor, math.sqrt((energy + anchor**2 * q) / n)
 
 
 def constant_fit(cov: torch.Tensor) -> float:
