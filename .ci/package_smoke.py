@@ -71,11 +71,12 @@ cases = {
     "hosted-gpt2-mla": ("gpt2", ["--to", "mla", "--kv-budget", "0.5", *calib]),
 }
 ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+kvslim.register()  # the hosted classes, as a user with kvslim installed loads them without remote code
 for case, (source, options) in cases.items():
     out = work / f"out-{case}"
     run("convert", str(work / source), "-o", str(out), *options)
     assert json.loads(run("inspect", str(out), "--json"))["kv_bytes_per_token"] > 0
-    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # plain Transformers (kvslim registers hosted classes)
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # plain Transformers, kvslim's classes registered
     want = ids
     with torch.no_grad():
         for _ in range(5):

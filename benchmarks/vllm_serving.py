@@ -94,13 +94,17 @@ def transformers_reference(path: Path, prompt: list[int]) -> dict:
     kvslim.register()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
+    margins = []  # top-1 minus top-2 log-probability at each greedy step: how near a tie it is
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
         seq = ids
         for _ in range(STEPS):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+            last = torch.log_softmax(model(input_ids=seq).logits[0, -1].float(), -1)
+            top = last.topk(2).values
+            margins.append(float(top[0] - top[1]))
+            seq = torch.cat([seq, last.argmax().view(1, 1)], dim=1)
     return {"prompt_logprobs": [None] + [float(logp[i, t]) for i, t in enumerate(prompt[1:])],
-            "greedy": seq[0, len(prompt):].tolist()}
+            "greedy": seq[0, len(prompt):].tolist(), "margins": margins}
 
 
 def in_vllm(vllm_python: str, path: Path, prompt: list[int], work: Path, throughput: bool) -> dict:
@@ -124,8 +128,10 @@ def compare(reference: dict, served: dict) -> dict:
         return {"loads": False, "error": served["error"][-600:]}
     diffs = [abs(a - b) for a, b in zip(reference["prompt_logprobs"][1:], served["prompt_logprobs"][1:])]
     same = reference["greedy"] == served["greedy"]
+    first = next((i for i, (a, b) in enumerate(zip(reference["greedy"], served["greedy"])) if a != b), None)
     return {"loads": True, "architecture": served["architecture"], "max_abs_logprob_diff": round(max(diffs), 5),
-            "greedy_identical": same, "passes": max(diffs) <= LOGPROB_TOLERANCE and same,
+            "greedy_identical": same, "first_divergence": first,
+            "transformers_margin_there": None if first is None else round(reference["margins"][first], 5), "passes": max(diffs) <= LOGPROB_TOLERANCE and same,
             "greedy_transformers": reference["greedy"], "greedy_vllm": served["greedy"]}
 
 
@@ -136,7 +142,12 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--init", type=float, default=0.02, help="init std of the synthetic sources")
     parser.add_argument("--out", default="vllm_serving")
+    parser.add_argument("--render", action="store_true", help="only rewrite the Markdown from the saved JSON")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads((RESULTS / f"{args.out}.json").read_text())
+        (RESULTS / f"{args.out}.md").write_text(markdown(result))
+        return
     if not args.vllm_python:
         sys.exit("Pass --vllm-python (or set KVSLIM_VLLM_PYTHON): a python with stock vLLM, see .ci/setup_vllm.")
     from transformers import AutoModelForCausalLM
@@ -216,10 +227,13 @@ def markdown(r: dict) -> str:
              f"Prompt logprobs of a random {r['prompt_tokens']}-token sequence and {r['steps']} greedy tokens, "
              f"vLLM (CPU) against Transformers on the same checkpoint, fp32, random weights with init std "
              f"{r['init']}. Pass: max |difference| <= {r['tolerance']} and identical tokens.", "",
-             "| model | checkpoint | loads in vLLM | max abs logprob diff | greedy identical | pass |", "|---|---|---|---|---|---|"]
+             "| model | checkpoint | loads in vLLM | max abs logprob diff | greedy identical | first divergent step "
+             "(Transformers' top-1 - top-2 logprob there) | pass |", "|---|---|---|---|---|---|---|"]
     for row in r["check"]:
+        where = "-" if row.get("first_divergence") is None else \
+            f"{row['first_divergence']} ({row['transformers_margin_there']})"
         lines.append(f"| {row['model']} | {row['checkpoint']} | {row['loads']} | {row.get('max_abs_logprob_diff', '-')} | "
-                     f"{row.get('greedy_identical', '-')} | {row.get('passes', False)} |")
+                     f"{row.get('greedy_identical', '-')} | {where} | {row.get('passes', False)} |")
     lines += ["", f"Quality at the same cache size (576 elements per token and layer of the source's 1,024; "
               f"{r['refine_steps']} refinement steps), perplexity on 8 x 128 tokens sampled from each source:", "",
               "| model | source | --runtime transformers, its own split | --runtime transformers, vLLM's split "
@@ -229,10 +243,15 @@ def markdown(r: dict) -> str:
         lines.append(f"| {q['model']} | {q['source_perplexity']} | {t['perplexity']} (rank {t['kv_rank']} + RoPE "
                      f"{t['rope_dim']}) | {s['perplexity']} | {v['perplexity']} |")
     if r["throughput"]:
-        lines += ["", "vLLM (CPU) decode throughput, 2K-token context, 32 new tokens per sequence:", "",
-                  "| checkpoint | batch | KV bytes/token | decode tokens/s |", "|---|---|---|---|"]
+        lines += ["", "vLLM (CPU) generation, 2K-token prompts, 32 new tokens per sequence (one run each; decode "
+                  "tokens/s is (tokens - batch) / (generate time - prefill-only time), shown when the difference is "
+                  "clearly positive):", "",
+                  "| checkpoint | batch | KV bytes/token | generate s | prefill-only s | end-to-end tokens/s | decode tokens/s |",
+                  "|---|---|---|---|---|---|---|"]
         for t in r["throughput"]:
-            lines.append(f"| {t['checkpoint']} | {t['batch']} | {t['kv_bytes_per_token']:,} | {t['decode_tokens_per_s']} |")
+            decode = t["decode_tokens_per_s"] if t["seconds"] > 1.2 * t["prefill_seconds"] else "within noise"
+            lines.append(f"| {t['checkpoint']} | {t['batch']} | {t['kv_bytes_per_token']:,} | {t['seconds']} | "
+                         f"{t['prefill_seconds']} | {round(t['decode_tokens'] / t['seconds'], 2)} | {decode} |")
     return "\n".join(lines) + "\n"
 
 
