@@ -400,8 +400,8 @@ def convert_attention_mla(
     `bias_free` (vLLM's DeepSeek attention has no bias terms and drops bias tensors): every bias
     (the latent's anchor, folded K/V biases, a query bias) becomes a weight on the input through
     the least-squares constant of the input, u = argmin E[(u.x - 1)^2] = E[x x^T]^-1 E[x] on the
-    calibration data; exact when u.x = 1, otherwise the anchor carries u.x's spread as a per-token
-    scale of the latent, which refinement can absorb. `latent_rows`: pad the latent with zero rows
+    calibration data; exact when u.x = 1, otherwise the latent's per-token scale varies with u.x
+    (`constant_anchor` balances that against the latent's own spread), which refinement can absorb. `latent_rows`: pad the latent with zero rows
     to this size (a shape vLLM's kernels take, larger than the rank the source has)."""
     if init not in INITS:
         raise ConversionError(f"Unknown MLA init '{init}'; valid: {', '.join(INITS)}.")
@@ -424,19 +424,21 @@ def convert_attention_mla(
     q_rope_c = (to_complex(q, re, im) * rope.folds.conj()[:, :, None])[:, rope.kept]  # (nh, P, D)
     k_rope_c = rope.shared[rope.kept]  # (P, D)
 
-    # latent norm: anchor element keeps the per-token RMS constant
-    anchor, norm_w = _anchor(down, cov)
+    # latent norm: an anchor element keeps the per-token RMS (near) constant. With biases it is a
+    # constant; bias-free, every bias reads the input's least-squares constant u.x, the anchor too,
+    # at the share of the RMS that u.x's fit supports
     kv_a = torch.cat([down, torch.zeros(1, D, dtype=f64), from_complex(k_rope_c[None], *_interleaved(2 * P), 2 * P)[0]])
-    kv_a[shape.kv_rank, d] = anchor
-    kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
-    kv_norm[shape.kv_rank] = 1.0
-    up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
-    if bias_free:  # biases read the input's least-squares constant u.x; the anchor too, at a share set by fit
+    if bias_free:
         u = constant_direction(cov)
         kv_a = torch.cat([kv_a[:, :d] + kv_a[:, d:] * u[None], torch.zeros(kv_a.shape[0], 1, dtype=f64)], dim=1)
         anchor, norm_w = constant_anchor(kv_a[:shape.kv_rank, :d], cov)
         kv_a[shape.kv_rank, :d] = anchor * u
-        kv_norm[:shape.kv_rank] = norm_w
+    else:
+        anchor, norm_w = _anchor(down, cov)
+        kv_a[shape.kv_rank, d] = anchor
+    kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
+    kv_norm[shape.kv_rank] = 1.0
+    up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
     pad = (latent_rows or shape.kv_rank) - shape.kv_rank
     if pad > 0:  # zero latent rows: cached, never read; the norm weight keeps the RMS the anchor sets
         shrink = math.sqrt((shape.kv_rank + 1) / (shape.kv_rank + 1 + pad))  # the RMS is over more elements
