@@ -68,9 +68,10 @@ class MLAOptions:
         if self.rope_strategy not in ROPE_STRATEGIES:
             raise ConversionError(f"Unknown --rope-strategy '{self.rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
 
-    def uses_budget(self, rank_usage: str) -> bool:
-        """Exactly one of --kv-budget (a fraction in (0, 1]) and --kv-rank; True when it is the budget."""
-        if self.kv_budget is None and self.kv_rank is None:
+    def uses_budget(self, rank_usage: str, required: bool = True) -> bool:
+        """At most one of --kv-budget (a fraction in (0, 1]) and --kv-rank, exactly one when
+        `required`; True when it is the budget."""
+        if required and self.kv_budget is None and self.kv_rank is None:
             raise ConversionError(f"--to mla needs --kv-budget F, or {rank_usage}.")
         if self.kv_budget is not None and self.kv_rank is not None:
             raise ConversionError(f"Give either --kv-budget or {rank_usage}, not both.")
@@ -140,15 +141,8 @@ def vllm_shape(options: MLAOptions, layout) -> tuple[MLAShape, int]:
     if options.rope_dim not in (None, 64):
         raise ConversionError(f"--runtime vllm uses a 64-dim RoPE key; --rope-dim {options.rope_dim} is not one "
                               f"vLLM's kernels take. Valid shapes: {shapes}.")
-    if options.kv_rank is not None and options.kv_budget is not None:
-        raise ConversionError("Give either --kv-budget or --kv-rank, not both.")
     latent, rope = VLLM_SHAPES[0]
-    if options.kv_rank is not None:
-        if options.kv_rank not in [r for r, _ in VLLM_SHAPES]:
-            raise ConversionError(f"--runtime vllm: --kv-rank {options.kv_rank} is not a latent vLLM's kernels "
-                                  f"take. Valid shapes: {shapes}.")
-        latent = options.kv_rank
-    elif options.kv_budget is not None:
+    if options.uses_budget("--kv-rank", required=False):
         elements = int(math.floor(options.kv_budget * source + 1e-9))
         if elements not in valid:
             nearest = min(VLLM_SHAPES, key=lambda s: abs(s[0] + s[1] - elements))
@@ -158,6 +152,11 @@ def vllm_shape(options: MLAOptions, layout) -> tuple[MLAShape, int]:
                 f"--kv-budget {(nearest[0] + nearest[1]) / source:.4f} ({nearest[0]} + {nearest[1]}). Valid "
                 f"shapes: {shapes}.")
         latent = VLLM_SHAPES[valid.index(elements)][0]
+    elif options.kv_rank is not None:
+        if options.kv_rank not in [r for r, _ in VLLM_SHAPES]:
+            raise ConversionError(f"--runtime vllm: --kv-rank {options.kv_rank} is not a latent vLLM's kernels "
+                                  f"take. Valid shapes: {shapes}.")
+        latent = options.kv_rank
     rank = min(latent - 1, max_latent_rank(layout, layout.hidden_size))  # one latent element is the anchor
     return MLAShape(rank, rope), latent - 1 - rank
 
@@ -306,15 +305,33 @@ class DeepseekMLA(_MLA):
 # -- kvslim's hosted classes -----------------------------------------------------------------------
 
 
-def _refuse_vllm(method) -> None:
-    if method.options.runtime == "vllm":
-        raise ConversionError(
-            f"--runtime vllm writes DeepseekV3 checkpoints; '{method.job.src.model_type}' converts to kvslim's "
-            f"hosted class {method.hosted_class()!r} (its blocks are not DeepseekV3's), which stock vLLM does not "
-            "serve. Use --runtime transformers.")
+class _HostedMLA(_MLA):
+    """MLA in the source's own class with kvslim's latent attention (modeling/hosted/)."""
+
+    def check(self) -> None:
+        if self.options.runtime == "vllm":
+            raise ConversionError(
+                f"--runtime vllm writes DeepseekV3 checkpoints; '{self.job.src.model_type}' converts to kvslim's "
+                f"hosted class {self.hosted_class()!r} (its blocks are not DeepseekV3's), which stock vLLM does not "
+                "serve. Use --runtime transformers.")
+        self.check_shape()
+
+    def check_shape(self) -> None:
+        raise NotImplementedError
+
+    def hosted_class(self) -> str:
+        return self.job.adapter.mla_hosted_class(self.job.src.model_type)
+
+    def _hosted_config(self, kv_heads: int, **latent_fields):
+        from ...modeling.hosted import hosted_config
+
+        config = hosted_config(self.hosted_class(), self.job.src.config, kv_heads)
+        for name, value in latent_fields.items():
+            setattr(config, name, value)
+        return self._config_dtype(config)
 
 
-class LatentMLA(_MLA):
+class LatentMLA(_HostedMLA):
     """Hosted class, no rotary embeddings (GPT-2, OPT, BERT): keys and values of all heads from one
     cached latent (modeling/hosted/kvslim_attention.py)."""
 
@@ -322,9 +339,8 @@ class LatentMLA(_MLA):
     def applies(cls, adapter, config) -> bool:
         return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) == "none"
 
-    def check(self) -> None:
+    def check_shape(self) -> None:
         layout = self.job.layout
-        _refuse_vllm(self)
         if self.options.rope_dim is not None:
             raise ConversionError(f"--rope-dim does not apply: '{self.job.src.model_type}' has no rotary embeddings.")
         rank = self.options.kv_rank
@@ -334,15 +350,8 @@ class LatentMLA(_MLA):
         check_rank(rank, layout, layout.hidden_size)
         self.kv_rank = rank
 
-    def hosted_class(self) -> str:
-        return self.job.adapter.mla_hosted_class(self.job.src.model_type)
-
     def output_config(self, runner):
-        from ...modeling.hosted import hosted_config
-
-        config = hosted_config(self.hosted_class(), self.job.src.config, self.job.layout.num_heads)
-        config.kv_lora_rank = self.kv_rank
-        return self._config_dtype(config)
+        return self._hosted_config(self.job.layout.num_heads, kv_lora_rank=self.kv_rank)
 
     def new_record(self, common: dict) -> MLARecord:
         return self._record(common, MLADetails(LATENT, self.kv_rank, 0, self.kv_rank, self.options.mla_init,
@@ -366,7 +375,7 @@ def layer_frequencies(call: dict, re: torch.Tensor) -> torch.Tensor:
     return torch.atan2(sin[re], cos[re]).cpu()  # weight math runs on the CPU
 
 
-class LatentRopeMLA(_MLA):
+class LatentRopeMLA(_HostedMLA):
     """Hosted class with RoPE (Qwen3, Gemma, GPT-NeoX, Phi-3 partial rotary, the MoE models): the
     latent plus one shared RoPE key per layer (`LatentRopeAttention`), and for q/k-norm models one
     key-norm gain per source KV head."""
@@ -375,9 +384,8 @@ class LatentRopeMLA(_MLA):
     def applies(cls, adapter, config) -> bool:
         return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) != "none"
 
-    def check(self) -> None:
+    def check_shape(self) -> None:
         job, layout = self.job, self.job.layout
-        _refuse_vllm(self)
         self.rope_layout = job.adapter.rope(job.src.config)
         self.re, _ = pair_indices(layout.head_dim, self.rope_layout)
         self.scales = layout.num_kv_heads if job.adapter.qk_norm else 0  # one key-norm gain per source KV head
@@ -386,15 +394,9 @@ class LatentRopeMLA(_MLA):
         self.eps = getattr(text_config(job.src.config), "rms_norm_eps", 1e-6)
         self.windows: list = []
 
-    def hosted_class(self) -> str:
-        return self.job.adapter.mla_hosted_class(self.job.src.model_type)
-
     def output_config(self, runner):
-        from ...modeling.hosted import hosted_config
-
-        config = hosted_config(self.hosted_class(), self.job.src.config, self.job.layout.num_kv_heads)
-        config.kv_lora_rank, config.qk_rope_head_dim = self.shape.kv_rank, self.shape.rope_dim
-        return self._config_dtype(config)
+        return self._hosted_config(self.job.layout.num_kv_heads, kv_lora_rank=self.shape.kv_rank,
+                                   qk_rope_head_dim=self.shape.rope_dim)
 
     def prepare_layers(self, target_model) -> None:
         self.model_class = type(target_model.get_submodule(self.job.adapter.layers_path)[0]).__module__
