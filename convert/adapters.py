@@ -86,6 +86,7 @@ class AttentionAdapter:
     deepseek_mla: bool = False
     hosted_mla: bool = False
     stored_as_hosted: bool = False  # the source is kvslim's hosted class (its own tensor layout)
+
     def mla_hosted_class(self, model_type: str) -> str | None:
         """The kvslim-hosted class an MLA conversion of `model_type` writes, if any."""
         return self.hosted or (model_type if self.hosted_mla else None)
@@ -328,14 +329,19 @@ def supported_model_types() -> list[str]:
 
 # What kvslim writes that is not a source it converts: named (layers, attention modules) as Llama is
 _OUTPUT_TYPES = {"deepseek_v3": "llama"}
-HOSTED_PREFIX = "kvslim_"  # a hosted class's model_type is this + its source's
+
+
+def _hosted_source(model_type: str) -> str | None:
+    """The source model_type of a kvslim-hosted class's model_type (kvslim_<source>), else None."""
+    from ..modeling.hosted import hosted_name
+
+    return hosted_name(model_type)
 
 
 def adapter_for(model_type: str) -> AttentionAdapter:
     """The adapter that describes a model of `model_type`: a source, a hosted `kvslim_<source>`
     class, or a DeepseekV3 MLA output."""
-    if model_type.startswith(HOSTED_PREFIX):
-        model_type = model_type[len(HOSTED_PREFIX):]
+    model_type = _hosted_source(model_type) or model_type
     return get_adapter(_OUTPUT_TYPES.get(model_type, model_type))
 
 
@@ -353,8 +359,9 @@ def source_adapter(config: Any) -> AttentionAdapter:
     if getattr(text_config(config), "kv_lora_rank", None) is not None:
         raise ConversionError(f"'{model_type}' is already multi-head latent attention; convert its source model "
                               "instead.")
-    if model_type.startswith(HOSTED_PREFIX):
-        return replace(get_adapter(model_type[len(HOSTED_PREFIX):]), stored_as_hosted=True)
+    hosted_source = _hosted_source(model_type)
+    if hosted_source is not None:
+        return replace(get_adapter(hosted_source), stored_as_hosted=True)
     return get_adapter(model_type)
 
 

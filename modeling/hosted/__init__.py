@@ -54,35 +54,40 @@ def module(name: str):
     return importlib.import_module(f"{__name__}.{HOSTED[name][0]}")
 
 
+def config_class(name: str):
+    return getattr(module(name), HOSTED[name][1])
+
+
+def hosted_name(model_type: str) -> str | None:
+    """The hosted class a model_type names (kvslim_<name>), or None for any other model_type."""
+    name = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else None
+    return name if name in HOSTED else None
+
+
 def register(name: str | None = None) -> None:
     """Register hosted class `name` (all when None) with the Auto classes (idempotent)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     autos = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM}
     for key in HOSTED if name is None else [name]:
-        _, config_name, models = HOSTED[key]
-        mod = module(key)
-        config_class = getattr(mod, config_name)
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        config, models = config_class(key), HOSTED[key][2]
+        AutoConfig.register(config.model_type, config, exist_ok=True)
         for auto, model_name in models.items():
-            autos[auto].register(config_class, getattr(mod, model_name), exist_ok=True)
+            autos[auto].register(config, getattr(module(key), model_name), exist_ok=True)
 
 
 def register_for(model_type: str) -> None:
     """Register the hosted class of `model_type` when it is one (kvslim_<name>)."""
-    name = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else None
-    if name in HOSTED:
+    name = hosted_name(model_type)
+    if name is not None:
         register(name)
 
 
 def hosted_config(name: str, source_config, kv_heads: int):
     """The hosted class's config for `source_config` with `kv_heads` KV heads (auto_map included)."""
-    _, config_name, models = HOSTED[name]
-    mod = module(name)
-    config_class = getattr(mod, config_name)
+    stem, config_name, models = HOSTED[name]
     values = {k: v for k, v in source_config.to_dict().items() if k not in ("model_type", "auto_map", "architectures")}
-    config = config_class(**{**values, "num_key_value_heads": kv_heads})
-    stem = HOSTED[name][0]
+    config = config_class(name)(**{**values, "num_key_value_heads": kv_heads})
     config.auto_map = {"AutoConfig": f"{stem}.{config_name}", **{a: f"{stem}.{m}" for a, m in models.items()}}
     config.architectures = [models.get("AutoModelForCausalLM", models["AutoModel"])]
     return config
