@@ -23,18 +23,10 @@ import kvslim
 from kvslim.compat import cache_argument, output_cache
 from kvslim.recipes.publish import CAUSAL_LM_CLASSES
 
-from common import IDS, gpt2, greedy_without_cache, load, make_model, neox, opt, phi3
+from common import IDS, greedy_without_cache, load, registered_source
 
 STEPS = 6
 FAST = dict(calib_samples=8, calib_seq_len=32, refine_steps=0, progress=False)
-
-
-def _source(arch: str):
-    builders = {"gpt2": gpt2, "opt": opt, "gpt_neox": neox, "phi3": lambda: phi3(heads=4, kv_heads=4)}
-    if arch in builders:
-        return builders[arch]()
-    extra = {"attn_logit_softcapping": 5.0, "sliding_window": 8} if arch == "gemma2" else {}
-    return make_model(arch, 8, 2, **extra)
 
 
 # (source architecture, target): every class that owns a cache path after conversion
@@ -55,7 +47,7 @@ def converted(tmp_path_factory, tokenizer_dir, text_file):
     done = {}
     for arch, to in CASES:
         src = root / f"{arch}-src"
-        _source(arch).save_pretrained(str(src))
+        registered_source(arch, 4 if arch == "phi3" else 2).save_pretrained(str(src))  # Phi-3 MLA: 4 heads, MHA
         for f in tokenizer_dir.iterdir():
             shutil.copy2(f, src / f.name)
         options = dict(kv_heads=2) if to == "gqa" else dict(kv_budget=0.5)

@@ -34,19 +34,15 @@ STEPS = 5
 ENCODERS = {t for t in supported_model_types() if get_adapter(t).model_kind == "base"}
 
 
-def _gqa_capable(model_type: str) -> bool:
-    return class_uses_kv_heads(model_type)
-
-
 def _source(model_type: str, cell: str):
     """(source model, conversion options) of a cell, or a skip reason (str)."""
     if cell in ("mha", "round_trip", "mqa"):
-        model = registered_source(model_type, 2 if _gqa_capable(model_type) else None)
+        model = registered_source(model_type, 2 if class_uses_kv_heads(model_type) else None)
         return model, {"mha": dict(to="mha"), "round_trip": dict(to="mha"), "mqa": dict(to="mqa", method="mean")}[cell]
     if model_type == "gpt_neox":  # MHA-only class: heads that share their rotary key dims instead
         model = neox_shared_rotary_keys()
     else:
-        model = registered_source(model_type, 1 if _gqa_capable(model_type) else None)
+        model = registered_source(model_type, 1 if class_uses_kv_heads(model_type) else None)
     adapter = get_adapter(model_type)
     rope = adapter.rope(model.config)
     options = dict(to="mla", kv_rank=65)  # hidden + 1: the latent's full rank
@@ -74,7 +70,7 @@ def matrix(tmp_path_factory, tokenizer_dir, text_file):
         for f in tokenizer_dir.iterdir():
             shutil.copy2(f, src / f.name)
         kind = "base" if model_type in ENCODERS else "causal"
-        if cell == "round_trip" and not _gqa_capable(model_type):
+        if cell == "round_trip" and not class_uses_kv_heads(model_type):
             # Transformers' class is MHA-only: the GQA source is kvslim's hosted GQA of it
             gqa = root / f"{model_type}-{cell}-gqa"
             kvslim.convert(str(src), gqa, to="gqa", kv_heads=2, method="mean", progress=False)

@@ -14,7 +14,7 @@ from kvslim.recipes import uptrain as recipe
 from kvslim.recipes.data import collate, pack_documents
 from kvslim.recipes.uptrain import UptrainConfig, UptrainError
 
-from common import load, make_model
+from common import load, make_model, registered_source
 
 
 @pytest.fixture
@@ -266,13 +266,6 @@ def test_tensorboard_logging_and_bad_tracker(setup, tmp_path):
         recipe.run(cfg(setup, tmp_path, "bad", tokens=128, report_to="mlflowz"))
 
 
-def _source_for(model_type: str):
-    from common import gpt2, neox, opt, phi3
-
-    builders = {"gpt2": gpt2, "opt": opt, "gpt_neox": neox, "phi3": phi3}
-    return builders[model_type]() if model_type in builders else make_model(model_type, 8, 8)
-
-
 def _one_adapter_per_kind():
     from kvslim.convert import get_adapter, supported_model_types
 
@@ -294,7 +287,7 @@ def test_attention_only_and_lora_training_find_every_architectures_attention(mod
 
     if get_adapter(model_type).model_kind != "causal":
         pytest.skip(f"{model_type} is an encoder: uptraining trains causal language models")
-    src = save_model(_source_for(model_type), model_type)
+    src = save_model(registered_source(model_type), model_type)
     kvslim.convert(str(src), tmp_path / "student", to="gqa", kv_heads=2, method="mean", progress=False)
     base = dict(model=str(tmp_path / "student"), data=[str(text_file)], seq_len=32, micro_batch=2, eval_rows=2,
                 progress=False, tokens=64 * 2, lr=1e-2, eval_every=1000, checkpoint_every=1000)
