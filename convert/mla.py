@@ -227,26 +227,47 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     """
     nh, hd, D = k.shape
     f64 = torch.float64
-    stack = torch.cat([k.reshape(nh * hd, D), v.reshape(nh * hd, D)])  # (2 nh hd, D)
-    if init == "svd":
-        weight_rows = torch.eye(2 * nh * hd, dtype=f64)
-        basis_cov = torch.eye(D, dtype=f64)
+    stack = torch.cat([k, v]).reshape(2 * nh, hd, D)  # rows: keys of every head, then values
+    # The row weighting is block diagonal (one hd x hd block per head and K/V): kept as blocks, so
+    # neither it nor its inverse is ever an (2 nh hd)^2 matrix.
+    if init == "whitened":
+        roots = [sym_sqrt(qn @ cov @ qn.T) for qn in q] + [sym_sqrt(oi.T @ oi) for oi in o]
+        blocks, inverse = torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
     else:
-        basis_cov = cov
-        if init == "whitened":
-            blocks = [sym_sqrt(qn @ cov @ qn.T)[0] for qn in q] + [sym_sqrt(oi.T @ oi)[0] for oi in o]
-        else:  # pca: plain activations, keys rescaled to the values' total energy
-            blocks = [torch.eye(hd, dtype=f64)] * (2 * nh)
-        weight_rows = torch.block_diag(*blocks)
-        k_part, v_part = weight_rows[: nh * hd], weight_rows[nh * hd:]
-        ek = torch.einsum("rd,de,re->", k_part @ stack, cov, k_part @ stack)
-        ev = torch.einsum("rd,de,re->", v_part @ stack, cov, v_part @ stack)
+        blocks = inverse = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
+    basis_cov = torch.eye(D, dtype=f64) if init == "svd" else cov
+    if init != "svd":
+        weighted = blocks @ stack
+        ek = torch.einsum("rd,de,re->", weighted[:nh].reshape(-1, D), cov, weighted[:nh].reshape(-1, D))
+        ev = torch.einsum("rd,de,re->", weighted[nh:].reshape(-1, D), cov, weighted[nh:].reshape(-1, D))
         # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
-        weight_rows[: nh * hd] *= (ev / ek.clamp(min=1e-12 * ev)).sqrt()
-    weighted = weight_rows @ stack  # (2 nh hd, D)
-    _, vecs = torch.linalg.eigh(weighted @ basis_cov @ weighted.T)
-    top = vecs[:, -rank:].flip(-1)  # (2 nh hd, r)
-    return top.T @ weighted, torch.linalg.pinv(weight_rows) @ top
+        key_scale = (ev / ek.clamp(min=1e-12 * ev)).sqrt()
+        scale = torch.ones(2 * nh, 1, 1, dtype=f64)
+        scale[:nh] = key_scale
+        blocks, inverse = blocks * scale, inverse / scale.transpose(1, 2)
+    weighted = (blocks @ stack).reshape(2 * nh * hd, D)
+    top = principal_directions(weighted, basis_cov, rank)  # (2 nh hd, r)
+    up = (inverse @ top.reshape(2 * nh, hd, rank)).reshape(2 * nh * hd, rank)
+    return top.T @ weighted, up
+
+
+def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` eigenvectors of w @ cov @ w.T (w: (n, D)), largest first.
+
+    With more rows than columns (MHA: 2 nh hd = 2 x hidden), the same vectors come from the D x D
+    problem: with cov = L L^T and B = w L, they are B v / |B v| for the top eigenvectors v of B^T B,
+    an eigendecomposition of a quarter of the size (an eighth of the work)."""
+    n, D = w.shape
+    if n > D:
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if int(info) == 0:
+            b = w @ chol
+            vals, vecs = torch.linalg.eigh(b.T @ b)
+            vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
+            if rank <= D and float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: solve as is
+                return (b @ vecs) / vals.sqrt()
+    _, vecs = torch.linalg.eigh(w @ cov @ w.T)
+    return vecs[:, -rank:].flip(-1)
 
 
 @dataclass

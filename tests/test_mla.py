@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import kvslim
 from kvslim.cli import app
 from kvslim.convert import ConversionError, get_adapter
-from kvslim.convert.mla import MLAShape, shape_for_budget
+from kvslim.convert.mla import MLAShape, principal_directions, shape_for_budget
 
 from common import load, logits, make_model
 
@@ -135,3 +135,21 @@ def test_cli_mla_end_to_end(save_model, tmp_path, text_file):
     record = json.loads((out / "kvslim_conversion.json").read_text())
     assert record["target"] == "mla" and record["refinement"]["steps"] == 5
     assert "MLA" in run("inspect", out).output
+
+
+@pytest.mark.parametrize("rows,cols,rank,deficient", [(96, 33, 20, False), (96, 33, 33, False), (24, 33, 10, False),
+                                                     (96, 33, 20, True)])
+def test_principal_directions_solve_the_smaller_problem_without_changing_the_subspace(rows, cols, rank, deficient):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, dtype=torch.float64, generator=g)
+    if deficient:  # rank 15 < the asked 20: near-null directions, where the Gram route would divide by ~0
+        w = w[:, :15] @ torch.randn(15, cols, dtype=torch.float64, generator=g)
+    x = torch.randn(500, cols, dtype=torch.float64, generator=g)
+    cov = x.T @ x / 500
+    got = principal_directions(w, cov, rank)
+    _, vecs = torch.linalg.eigh(w @ cov @ w.T)
+    want = vecs[:, -rank:]
+    assert got.shape == (rows, rank)
+    assert torch.allclose(got.T @ got, torch.eye(rank, dtype=torch.float64), atol=1e-8)  # orthonormal
+    top = min(rank, 15) if deficient else rank  # the directions with energy: the same subspace
+    assert torch.allclose(got[:, :top] @ got[:, :top].T, want[:, -top:] @ want[:, -top:].T, atol=1e-8)
