@@ -11,12 +11,33 @@ import sys
 import time
 
 
+def rotary_probe() -> float:
+    """Max error of vLLM-CPU's rotary_embedding op against its own forward_native, on the strided
+    view of q that vLLM's MLA layer passes it ([tokens, heads, 192][..., 128:]) and a split k_pe."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, max_position=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                        is_neox_style=False, dtype=torch.float32)
+        torch.manual_seed(0)
+        positions, q, latent = torch.arange(8), torch.randn(8, 4, 192), torch.randn(8, 576)
+        expected = rope.forward_native(positions, q.clone()[..., 128:], latent.clone()[:, 512:].unsqueeze(1))
+        got = rope.forward_cpu(positions, q.clone()[..., 128:], latent.clone()[:, 512:].unsqueeze(1))
+        return max(float((a - b).abs().max()) for a, b in zip(expected, got))
+
+
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
+    if job.get("rotary_probe"):
+        return {"rotary_probe_max_error": rotary_probe()}
+
     # no prefix caching: the timed runs repeat prompts, and vLLM-CPU disables it for MLA models anyway
     llm = LLM(model=job["path"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1, enable_prefix_caching=False,
-              max_model_len=job.get("max_model_len", 256), skip_tokenizer_init=True, seed=0)
+              max_model_len=job.get("max_model_len", 256), skip_tokenizer_init=True, seed=0,
+              compilation_config=job.get("compilation_config"))
     result = {"architecture": llm.llm_engine.model_config.architectures}
     prompt = {"prompt_token_ids": job["prompt"]}
     greedy = SamplingParams(temperature=0.0, max_tokens=job["steps"], prompt_logprobs=0, ignore_eos=True,
