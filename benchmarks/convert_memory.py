@@ -9,6 +9,7 @@ shards once (`cat` to /dev/null) measured in the same run.
 
     python benchmarks/convert_memory.py                          # 1.1B-shaped (16 x 2048), 2GB vs 200MB shards
     python benchmarks/convert_memory.py --shape 7b --shards 2GB  # 32 x 4096, ~13 GB of bf16 shards
+    python benchmarks/convert_memory.py --calibrated            # --to mla --kv-budget 0.25, 8 x 128 calibration tokens
     KVSLIM_CODE=/path/to/other/checkout python benchmarks/convert_memory.py   # another kvslim, side by side
 """
 
@@ -103,10 +104,18 @@ def measured(cmd: list[str], env: dict) -> dict:
             "peak_rss_mib": round(peak["VmRSS"] / 1024)}
 
 
+def convert_args(args) -> list[str]:
+    if args.calibrated:  # calibration text and a tokenizer written beside the checkpoint
+        return ["--to", "mla", "--kv-budget", "0.25", "--calib-data", str(args.calib_file), "--calib-samples", "8",
+                "--calib-seq-len", "128", "--refine-steps", str(args.refine_steps)]
+    return ["--to", "gqa", "--kv-heads", str(args.kv_heads), "--method", "mean"]
+
+
 def markdown(result: dict) -> str:
     size = result["checkpoint_bytes"] / 1024**3
-    lines = [f"# Weight-only conversion memory: synthetic {result['shape']} Llama ({size:.2f} GiB of bf16 shards)", "",
-             f"`kvslim convert --to gqa --kv-heads {result['kv_heads']} --method mean`, each setting in its own "
+    kind = "Calibrated" if result.get("calibrated") else "Weight-only"
+    lines = [f"# {kind} conversion memory: synthetic {result['shape']} Llama ({size:.2f} GiB of bf16 shards)", "",
+             f"`kvslim convert {' '.join(result['command'])}`, each setting in its own "
              "process, side by side in one run. Peak anonymous RSS excludes the mmap'd source pages; "
              f"reading the shards once (`cat`) took {result['cat_s']:.1f} s.", "",
              "| code | --max-shard-size | peak RssAnon | peak RSS | wall time | time / cat |", "|---|---|---|---|---|---|"]
@@ -125,6 +134,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--work", default=None, help="keep the synthetic checkpoint here and reuse it")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--calibrated", action="store_true", help="--to mla --kv-budget 0.25 with calibration")
+    parser.add_argument("--refine-steps", type=int, default=5, help="refinement steps of --calibrated")
     args = parser.parse_args()
     codes = {"this checkout": None}
     if os.environ.get("KVSLIM_CODE"):
@@ -135,6 +146,14 @@ def main() -> None:
         if not (src / "config.json").is_file():
             print(f"writing a synthetic {args.shape} checkpoint to {src} ...", flush=True)
             write_checkpoint(src, args.shape, 2 * 1024**3)
+        if args.calibrated:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from common import build_tokenizer, sample_text
+
+            if not (src / "tokenizer.json").is_file():
+                build_tokenizer(src)
+            args.calib_file = work / "calib.txt"
+            args.calib_file.write_text(sample_text(20000, seed=3))
         shards = sorted(src.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         started = time.perf_counter()
@@ -147,8 +166,8 @@ def main() -> None:
                 env["PYTHONPATH"] = where
             for shard in args.shards:
                 out = work / "out"
-                cmd = [sys.executable, "-m", "kvslim.cli", "convert", str(src), "-o", str(out), "--to", "gqa",
-                       "--kv-heads", str(args.kv_heads), "--method", "mean", "--max-shard-size", shard]
+                cmd = [sys.executable, "-m", "kvslim.cli", "convert", str(src), "-o", str(out), *convert_args(args),
+                       "--max-shard-size", shard]
                 row = {"code": code, "shards": shard, **measured(cmd, env)}
                 print(row, flush=True)
                 rows.append(row)
@@ -156,8 +175,10 @@ def main() -> None:
     layers, hidden, inter, heads, kv, _ = SHAPES[args.shape]
     layer_bytes = 2 * (2 * hidden * hidden + 2 * hidden * (hidden // heads) * kv + 3 * hidden * inter)
     result = {"machine": machine(), "shape": args.shape, "checkpoint_bytes": total, "layer_bytes": layer_bytes,
-              "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "rows": rows}
-    print(save_results(args.name or f"convert_memory_{args.shape}", result, markdown))
+              "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "rows": rows, "calibrated": args.calibrated,
+              "command": [a if a != str(getattr(args, "calib_file", "")) else "CALIB.txt" for a in convert_args(args)]}
+    name = args.name or f"convert_memory_{args.shape}{'_calibrated' if args.calibrated else ''}"
+    print(save_results(name, result, markdown))
 
 
 if __name__ == "__main__":
