@@ -97,7 +97,7 @@ def main() -> None:
                        layer_error=[round(r["attention_relative_error"], 4) for r in layers])
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    save_results(args.name, result, markdown(result))
+    print(save_results(args.name, result, markdown))
 
 
 def markdown(r: dict) -> str:
@@ -121,7 +121,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['group']} | {row['label']} | {row['cache_elements_per_layer']} ({row['budget']:.3f}) | "
                      f"{row['perplexity']:.2f} | {row['ratio']:.3f} | {' '.join(f'{e:.3f}' for e in row['layer_error'])} | "
                      f"{row['seconds']:.0f} |")
-    lines += ["", machine_line(r["machine"])]
+    lines += ["", *([r["note"], ""] if r.get("note") else []), machine_line(r["machine"])]
     return "\n".join(lines) + "\n"
 
 
