@@ -236,16 +236,15 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     else:
         blocks = inverse = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
     basis_cov = torch.eye(D, dtype=f64) if init == "svd" else cov
+    weighted = blocks @ stack  # (2 nh, hd, D)
     if init != "svd":
-        weighted = blocks @ stack
         ek = torch.einsum("rd,de,re->", weighted[:nh].reshape(-1, D), cov, weighted[:nh].reshape(-1, D))
         ev = torch.einsum("rd,de,re->", weighted[nh:].reshape(-1, D), cov, weighted[nh:].reshape(-1, D))
         # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
-        key_scale = (ev / ek.clamp(min=1e-12 * ev)).sqrt()
         scale = torch.ones(2 * nh, 1, 1, dtype=f64)
-        scale[:nh] = key_scale
-        blocks, inverse = blocks * scale, inverse / scale.transpose(1, 2)
-    weighted = (blocks @ stack).reshape(2 * nh * hd, D)
+        scale[:nh] = (ev / ek.clamp(min=1e-12 * ev)).sqrt()
+        weighted, inverse = weighted * scale, inverse / scale  # one scalar per key block
+    weighted = weighted.reshape(2 * nh * hd, D)
     top = principal_directions(weighted, basis_cov, rank)  # (2 nh hd, r)
     up = (inverse @ top.reshape(2 * nh, hd, rank)).reshape(2 * nh * hd, rank)
     return top.T @ weighted, up
