@@ -44,8 +44,8 @@ def fit_output_projection(target: nn.Module, name: str, inputs: list[torch.Tenso
     """Solve `target`'s output projection `name` (an nn.Linear whose output is the module's output)
     by least squares on all calibration tokens: with everything before it fixed, the output error
     is linear in its weights, so this is its exact optimum. Returns False (and changes nothing)
-    where there is no such projection or the module's output is not its output."""
-    proj = dict(target.named_modules()).get(name)  # a converted class may name it otherwise
+    where the module's output is not that projection's."""
+    proj = target.get_submodule(name)
     if not isinstance(proj, nn.Linear):
         return False
     seen = []
