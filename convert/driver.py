@@ -78,11 +78,9 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     target_call = None if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
     f32 = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
     with runner.loaded_layer(index) as source, runner.loaded_layer(index, target_layer, f32) as target:
-        inside = adapter.attention_module + "."  # an output projection inside the refined module
-        output = adapter.o_proj.removeprefix(inside) if adapter.o_proj.startswith(inside) else None
         err = refine_attention(target.get_submodule(adapter.attention_module),
                                source.get_submodule(adapter.attention_module), inputs, call, steps, lr,
-                               target_call=target_call, frozen=layer.frozen, output_projection=output)
+                               target_call=target_call, frozen=layer.frozen)
         prefix = f"{runner.layer_prefix(index)}{adapter.attention_module}."
         fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
                   for n, p in target.get_submodule(adapter.attention_module).named_parameters()}

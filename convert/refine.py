@@ -39,53 +39,12 @@ REFINE_LR = 3e-2
 REFINE_TOKENS = 2048
 
 
-def fit_output_projection(target: nn.Module, name: str, inputs: list[torch.Tensor], wanted: list[torch.Tensor],
-                          call: dict) -> bool:
-    """Solve `target`'s output projection `name` (an nn.Linear whose output is the module's output)
-    by least squares on all calibration tokens: with everything before it fixed, the output error
-    is linear in its weights, so this is its exact optimum. Returns False (and changes nothing)
-    where the module's output is not that projection's."""
-    proj = target.get_submodule(name)
-    if not isinstance(proj, nn.Linear):
-        return False
-    seen = []
-    handle = proj.register_forward_hook(lambda _m, args, out: seen.append((args[0].detach(), out.detach())))
-    try:
-        gram = cross = None
-        with torch.no_grad():
-            for x, w in zip(inputs, wanted):
-                seen.clear()
-                out = _attention_out(target, x, call)
-                if len(seen) != 1 or not torch.equal(seen[0][1], out):
-                    return False
-                a = seen[0][0].reshape(-1, proj.in_features).double()
-                if proj.bias is not None:
-                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-                y = w.reshape(-1, proj.out_features).double()
-                gram = a.T @ a if gram is None else gram + a.T @ a
-                cross = a.T @ y if cross is None else cross + a.T @ y
-    finally:
-        handle.remove()
-    # A tiny ridge keeps directions the calibration never excites where they were.
-    ridge = 1e-6 * gram.diagonal().mean().clamp(min=1e-30)
-    current = proj.weight.double().T
-    if proj.bias is not None:
-        current = torch.cat([current, proj.bias.double()[None]], dim=0)
-    solved = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross + ridge * current)
-    with torch.no_grad():
-        proj.weight.copy_(solved[:proj.in_features].T.to(proj.weight.dtype))
-        if proj.bias is not None:
-            proj.bias.copy_(solved[proj.in_features].to(proj.bias.dtype))
-    return True
-
-
 def refine_attention(
     target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
     steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
-    target_call: dict | None = None, frozen: tuple[str, ...] = (), output_projection: str | None = None,
+    target_call: dict | None = None, frozen: tuple[str, ...] = (),
 ) -> float:
-    """Adam on the relative output error of `target` (trainable) against `source` (frozen), then
-    the output projection (`output_projection`, a submodule name) by least squares.
+    """Adam on the relative output error of `target` (trainable) against `source` (frozen).
 
     Returns the relative error after fitting, measured on all calibration batches.
     `target_call` replaces `call` for the target when its arguments differ (MLA's own RoPE);
@@ -117,8 +76,6 @@ def refine_attention(
         sched.step()
     for p in params:
         p.requires_grad_(False)
-    if output_projection and not output_projection.startswith(frozen):
-        fit_output_projection(target, output_projection, inputs, wanted, tcall)
     with torch.no_grad():
         err = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
         if err >= before:  # never leave a layer worse than the closed form (e.g. an exact one)
