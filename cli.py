@@ -67,6 +67,7 @@ def convert(
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
     mla_init: Optional[str] = typer.Option(None, "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
     rope_strategy: Optional[str] = typer.Option(None, "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="MLA, kvslim's hosted RoPE classes: per-layer (default: --kv-budget spread over layers and between RoPE key and latent) or uniform."),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="MLA: transformers (default) or vllm (a DeepseekV3 checkpoint stock vLLM serves: no biases, 512+64 or 256+64 latent)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (directory or Hub id) for calibration, when the source has none."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: auto (as the source, default), float32, bfloat16, float16."),
@@ -89,7 +90,7 @@ def convert(
                      overwrite=overwrite, revision=revision, device=device,
                      max_shard_bytes=_parse_size(max_shard_size) if max_shard_size else None, kv_budget=kv_budget, kv_rank=kv_rank,
                      rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy, tokenizer=tokenizer,
-                     runtime=runtime)
+                     runtime=runtime, allocation=allocation)
     except ConversionError as exc:
         _fail(str(exc))
     before, after = record.kv_bytes_per_token_before, record.kv_bytes_per_token_after

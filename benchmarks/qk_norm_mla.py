@@ -45,11 +45,16 @@ def rows_to_run(head_dim: int, quick: bool) -> list[tuple[str, str, dict]]:
     """(group, label, convert options). Cache per token and layer of the source: 2 x head_dim."""
     closed = dict(refine_steps=0)
     pairs = head_dim // 2
+    uniform = dict(allocation="uniform", **closed)
     rows = [("exactness", f"full rank (rank {head_dim} + RoPE {head_dim})", dict(kv_rank=head_dim, rope_dim=head_dim, **closed)),
-            ("default", "1/2, closed form", dict(kv_budget=0.5, **closed)),
-            ("default", "1/2, default (refined)", dict(kv_budget=0.5)),
-            ("default", "1/4, closed form", dict(kv_budget=0.25, **closed)),
-            ("default", "1/4, default (refined)", dict(kv_budget=0.25))]
+            ("default (per-layer)", "1/2, closed form", dict(kv_budget=0.5, **closed)),
+            ("default (per-layer)", "1/2, default (refined)", dict(kv_budget=0.5)),
+            ("default (per-layer)", "1/4, closed form", dict(kv_budget=0.25, **closed)),
+            ("default (per-layer)", "1/4, default (refined)", dict(kv_budget=0.25)),
+            ("default (per-layer)", "1/8, closed form", dict(kv_budget=0.125, **closed)),
+            ("uniform", "1/2, closed form", dict(kv_budget=0.5, **uniform)),
+            ("uniform", "1/4, closed form", dict(kv_budget=0.25, **uniform)),
+            ("uniform", "1/8, closed form", dict(kv_budget=0.125, **uniform))]
     for rope in (16, 32, 64, 96):
         rows.append(("split of 1/2", f"RoPE {rope} + latent {head_dim - 1 - rope}",
                      dict(kv_budget=0.5, rope_dim=rope, **closed)))
@@ -66,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="closed-form rows only")
     parser.add_argument("--name", default="qk_norm_mla")
+    parser.add_argument("--groups", nargs="*", default=None, help="only these row groups (e.g. uniform exactness)")
     args = parser.parse_args()
     source = ensure_fixture()
     config = json.loads((source / "config.json").read_text())
@@ -83,16 +89,20 @@ def main() -> None:
         result["source_perplexity"] = base
         print(f"{source.name}: held-out perplexity {base:.2f}", flush=True)
         for group, label, options in rows_to_run(config["head_dim"], args.quick):
+            if args.groups and not any(group.startswith(g) for g in args.groups):
+                continue
             out = work / "mla"
             conv = child(CONVERT_CHILD, json.dumps(dict(source=str(source), output=str(out), to="mla", calib_data=str(calib),
                                                         calib_samples=128, calib_seq_len=256, **options)))
             ppl = child(EVAL_CHILD, str(out), json.dumps(held), "256")["perplexity"]
             layers = child(REPORT_CHILD, str(source), str(out), json.dumps(held), "256")
             mla = conv["record"]["mla"]
+            cache = mla["cache_elements_per_layer"]
+            mean = sum(cache) / len(cache) if isinstance(cache, list) else cache
             row = dict(group=group, label=label, options=options, perplexity=ppl, ratio=ppl / base,
-                       kv_rank=mla["kv_rank"], rope_dim=mla["rope_dim"],
-                       cache_elements_per_layer=mla["cache_elements_per_layer"],
-                       budget=mla["cache_elements_per_layer"] / (2 * config["head_dim"] * config["num_key_value_heads"]),
+                       kv_rank=mla["kv_rank"], rope_dim=mla["rope_dim"], cache_elements_per_layer=cache,
+                       budget=mean / (2 * config["head_dim"] * config["num_key_value_heads"]),
+                       allocation=mla.get("allocation"),
                        rope_frequencies=mla.get("rope_frequencies"), seconds=conv["seconds"],
                        layer_error=[round(r["attention_relative_error"], 4) for r in layers])
             result["rows"].append(row)
@@ -114,11 +124,15 @@ def markdown(r: dict) -> str:
              f"Gutenberg training books ({f['training']['seconds']:.0f} s, {f['training']['threads']} threads).", "",
              f"Held-out perplexity (llama-mha-gutenberg's held-out books, first 8,192 tokens, 256-token windows): "
              f"source **{r['source_perplexity']:.2f}**. Cache per token and layer: the source's "
-             f"{2 * c['head_dim'] * c['num_key_value_heads']} elements; MLA's rank + RoPE + 1 key-norm gain.", "",
+             f"{2 * c['head_dim'] * c['num_key_value_heads']} elements; MLA's rank + RoPE + 1 key-norm gain. Per-layer "
+             "rows list each layer's latent rank + RoPE dims after the mean cache.", "",
              "| group | row | cache / source | perplexity | x source | per-layer attention error (" + " ".join(kinds)
              + ") | s |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        lines.append(f"| {row['group']} | {row['label']} | {row['cache_elements_per_layer']} ({row['budget']:.3f}) | "
+        cache = row["cache_elements_per_layer"]
+        if isinstance(cache, list):  # per layer: rank + RoPE of each, and the mean cache
+            cache = f"{sum(cache) / len(cache):.0f}: " + " ".join(f"{k}+{d}" for k, d in zip(row["kv_rank"], row["rope_dim"]))
+        lines.append(f"| {row['group']} | {row['label']} | {cache} ({row['budget']:.3f}) | "
                      f"{row['perplexity']:.2f} | {row['ratio']:.3f} | {' '.join(f'{e:.3f}' for e in row['layer_error'])} | "
                      f"{row['seconds']:.0f} |")
     lines += ["", *([r["note"], ""] if r.get("note") else []), machine_line(r["machine"])]

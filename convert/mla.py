@@ -98,12 +98,17 @@ def check_shape(shape: MLAShape, layout: AttentionLayout, hidden: int, rotary_di
     check_rank(shape.kv_rank, layout, hidden)
 
 
+def budget_elements(budget: float, layout: AttentionLayout) -> int:
+    """Cache elements per token and layer that `budget` x the source's KV cache allows."""
+    return int(math.floor(budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9))
+
+
 def shape_for_budget(budget: float, layout: AttentionLayout, hidden: int, rope_dim: int | None = None, *,
                      rotary_dims: int | None = None, reserved: int = 1, reserved_what: str = "anchor") -> MLAShape:
     """Largest latent whose cache (rank + RoPE dims + `reserved` other elements: DeepseekV3's
     anchor, or the hosted q/k-norm classes' key-norm scales) fits `budget` x the source's KV cache."""
     source = 2 * layout.num_kv_heads * layout.head_dim
-    elements = int(math.floor(budget * source + 1e-9))
+    elements = budget_elements(budget, layout)
     if rope_dim is None:
         # A third of the cache for the shared RoPE key, two thirds for the latent (capped at the
         # rotary dims). Measured closed form, SmolLM2 at 1/4 (95 elements, head dim 64): RoPE
@@ -289,27 +294,81 @@ def shared_rope_latent(q, k, v, o, cov, theta, pairs: int, rank: int, *, init: s
     """q, k, v: (nh, hd, D) per-head weights on [x, 1]; o: (nh, d_out, hd); theta: (F,) the source's
     frequency of each rotary pair (re, im); dims outside the pairs (partial rotary) carry no position
     and go to the un-rotated part whole."""
-    F = re.shape[0]
-    qc, kc = to_complex(q, re, im), to_complex(k, re, im)  # (nh, F, D)
     beta = rotation_keep_factor(theta, context)  # (F,)
-
     # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
     shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
     start, stride = rope_window or rope_progression(gain, pairs)
     kept = torch.arange(start, start + pairs * stride, stride)
-    is_kept = torch.zeros(F, dtype=torch.bool)
-    is_kept[kept] = True
-
     # 2. un-rotated part of every head: residual at kept frequencies, whole key elsewhere
-    k_nope_c = torch.where(is_kept[None, :, None], resid, kc)
-    q_nope_c = qc * beta[None, :, None]
-    k_nope, q_nope = k.clone(), q.clone()
-    k_nope[:, re], k_nope[:, im] = k_nope_c.real, k_nope_c.imag
-    q_nope[:, re], q_nope[:, im] = q_nope_c.real, q_nope_c.imag
-
+    k_nope, q_nope = nope_remainder(q, k, resid, beta, kept, re, im)
     # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
     down, up = joint_latent(k_nope, v, q_nope, o, cov, rank, init)
     return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, q_nope, down, up)
+
+
+def nope_remainder(q, k, resid, beta, kept, re, im) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_nope, q_nope), each (nh, hd, D): the keys RoPE no longer carries (the residual of the shared
+    key at `kept` pairs, the whole key at the others) and the queries scaled by beta."""
+    is_kept = torch.zeros(re.shape[0], dtype=torch.bool)
+    is_kept[kept] = True
+    k_nope_c = torch.where(is_kept[None, :, None], resid, to_complex(k, re, im))
+    q_nope_c = to_complex(q, re, im) * beta[None, :, None]
+    k_nope, q_nope = k.clone(), q.clone()
+    k_nope[:, re], k_nope[:, im] = k_nope_c.real, k_nope_c.imag
+    q_nope[:, re], q_nope[:, im] = q_nope_c.real, q_nope_c.imag
+    return k_nope, q_nope
+
+
+def gram_eigenvalues(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of w @ cov @ w.T (w: (n, D)), largest first, from the smaller of the two Grams."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info):
+        return torch.linalg.eigvalsh(w @ cov @ w.T).flip(-1).clamp(min=0)
+    b = w @ chol
+    vals = torch.linalg.eigvalsh(b.T @ b if b.shape[0] > b.shape[1] else b @ b.T).flip(-1).clamp(min=0)
+    return torch.cat([vals, vals.new_zeros(max(0, min(w.shape) - vals.shape[0]))])
+
+
+def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: str, context: int,
+                       re: torch.Tensor, im: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Estimated closed-form error of one layer for each count of kept RoPE pairs P in
+    `pair_counts`, at every latent rank: {P: err} with err[r] for r = 0 .. max rank.
+
+    The error is the relative score error plus the relative output error, the two terms the
+    ``whitened`` latent minimises: with S the layer's score energy (sum over heads of
+    E[(q . k)^2]) and O its value energy through o_proj,
+
+        err(P, r) = lost_rotation(P) / S  +  sum_{i > r} lambda_i(P)
+
+    where lost_rotation is (1 - beta_f^2) E|q_f|^2 E|k_f|^2 over the pairs P leaves un-rotated
+    (and the cross-head residual at kept ones), and lambda(P) are the eigenvalues of the Gram of
+    [K_nope weighted by the queries / sqrt(S); V weighted by o_proj / sqrt(O)] under the input
+    moment: what a rank-r latent cannot carry."""
+    nh, hd, D = k.shape
+    beta = rotation_keep_factor(theta, context)
+    _, _, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
+    energy_q = query_energy(q, cov, re, im, None)
+    dropped_cost = (1 - beta**2) * (energy_q * query_energy(k, cov, re, im, None)).sum(0)  # (F,)
+    kept_cost = (1 - beta**2) * (energy_q * query_energy(from_complex(resid, re, im, hd), cov, re, im, None)).sum(0)
+    q_roots = torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q])
+    score = float(torch.einsum("hij,hjd,de,hie->", q_roots, k, cov, q_roots @ k).clamp(min=1e-30))
+    _, q_nope = nope_remainder(q, k, resid, beta, torch.arange(0), re, im)
+    key_blocks = torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q_nope]) / math.sqrt(score)
+    values = torch.stack([sym_sqrt(oi.T @ oi)[0] for oi in o]) @ v
+    values = values / math.sqrt(float(torch.einsum("hid,de,hie->", values, cov, values).clamp(min=1e-30)))
+    out = {}
+    for pairs in pair_counts:
+        start, stride = rope_progression(gain, pairs)
+        kept = torch.arange(start, start + pairs * stride, stride)
+        is_kept = torch.zeros_like(dropped_cost, dtype=torch.bool)
+        is_kept[kept] = True
+        lost = float(torch.where(is_kept, kept_cost, dropped_cost).sum()) / score
+        k_nope, _ = nope_remainder(q, k, resid, beta, kept, re, im)
+        rows = torch.cat([key_blocks @ k_nope, values]).reshape(2 * nh * hd, D)
+        lam = gram_eigenvalues(rows, cov)
+        tail = torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])  # tail[r] = sum_{i >= r}
+        out[pairs] = lost + tail
+    return out
 
 
 def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Tensor:
@@ -317,6 +376,31 @@ def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Ten
     RMSNorm multiplies it by, on average."""
     energy = torch.einsum("hod,de,hoe->h", w, cov, w) / w.shape[1]
     return (energy.clamp(min=0) + eps).rsqrt()
+
+
+def normalised_head_views(weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor, norm_eps: float):
+    """`head_views` (q, k, v, o) of the keys and queries the hosted class factors, and the key-norm
+    gain per source KV head (None without q/k-norm): with per-head RMSNorms, what the norms output
+    on average (their per-token deviation is cached)."""
+    q, k, v, o = head_views(weights, layout)
+    if weights.k_norm is None:
+        return q, k, v, o, None
+    f64 = torch.float64
+    q_gain = head_norm_scale(q, cov, norm_eps)
+    k_gain = head_norm_scale(k[:: layout.group_size], cov, norm_eps)
+    q = q * q_gain[:, None, None] * weights.q_norm.to(f64)[None, :, None]
+    k = k * k_gain.repeat_interleave(layout.group_size)[:, None, None] * weights.k_norm.to(f64)[None, :, None]
+    return q, k, v, o, k_gain
+
+
+def latent_rope_layer_errors(weights: AttentionWeights, layout: AttentionLayout, theta: torch.Tensor,
+                             cov: torch.Tensor, pair_counts, *, rope_strategy: str = "rotate", context: int = 512,
+                             rope_layout: str = "half", norm_eps: float = 1e-6) -> dict[int, torch.Tensor]:
+    """`latent_rope_errors` of one source layer, on what `convert_attention_latent_rope` factors."""
+    q, k, v, o, _ = normalised_head_views(weights, layout, cov.to(torch.float64), norm_eps)
+    re, im = pair_indices(layout.head_dim, rope_layout)
+    return latent_rope_errors(q, k, v, o, cov.to(torch.float64), theta, pair_counts, rope_strategy=rope_strategy,
+                              context=context, re=re, im=im)
 
 
 def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLayout, rank: int, rope_dim: int,
@@ -343,14 +427,9 @@ def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLa
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
     re, im = pair_indices(hd, rope_layout)
     P = rope_dim // 2
-    q, k, v, o = head_views(weights, layout)
-    key_norm = weights.k_norm is not None
+    q, k, v, o, k_gain = normalised_head_views(weights, layout, cov, norm_eps)
     tensors: dict[str, torch.Tensor] = {}
-    if key_norm:  # work on what the norms output, on average (their per-token deviation is cached)
-        q_gain = head_norm_scale(q, cov, norm_eps)
-        k_gain = head_norm_scale(k[:: layout.group_size], cov, norm_eps)  # one per source KV head
-        q = q * q_gain[:, None, None] * weights.q_norm.to(f64)[None, :, None]
-        k = k * k_gain.repeat_interleave(layout.group_size)[:, None, None] * weights.k_norm.to(f64)[None, :, None]
+    if k_gain is not None:
         tensors["q_norm"] = weights.q_norm
         tensors["k_norm_proj.weight"] = weights.k_w
         if weights.k_b is not None:

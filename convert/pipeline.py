@@ -28,7 +28,7 @@ def convert(source: str, output: str | Path, *, to: str = "gqa", **options) -> C
 
     `options`: the shared settings (`Settings`: calibration, refinement, dtype, device, shards, ...)
     and the target's own (`HeadMergeOptions` for gqa/mqa/mha: kv_heads, method, regroup;
-    `MLAOptions` for mla: kv_budget or kv_rank [+ rope_dim], mla_init, rope_strategy, runtime). None means
+    `MLAOptions` for mla: kv_budget or kv_rank [+ rope_dim], mla_init, rope_strategy, runtime, allocation). None means
     "not given". An option of another target is refused, naming the ones this target takes.
     Returns the conversion record (also saved beside the weights). Raises ConversionError on bad
     input, before anything is written.

@@ -26,9 +26,9 @@ class MLADetails(Mapping):
     against the untyped record (`record.mla["kv_rank"]`) keeps working."""
 
     variant: str  # DEEPSEEK: DeepseekV3 class; LATENT: hosted, no RoPE; LATENT_ROPE: hosted + RoPE key
-    kv_rank: int
-    rope_dim: int
-    cache_elements_per_layer: int
+    kv_rank: int | list[int]  # a list: one per layer (per-layer allocation, hosted classes)
+    rope_dim: int | list[int]
+    cache_elements_per_layer: int | list[int]
     init: str
     rope_strategy: str
     latent_anchor: int = 0  # DeepseekV3: one latent element that carries the K/V biases
@@ -41,6 +41,7 @@ class MLADetails(Mapping):
     runtime: str | None = None  # DEEPSEEK: "transformers" or "vllm" (bias-free, vLLM's kernel shapes)
     latent_padding: int | None = None  # vLLM: zero latent rows beyond the source's rank
     constant_fit_error: list | None = None  # vLLM: per layer, relative RMS error of u.x as the constant 1
+    allocation: dict | None = None  # LATENT_ROPE: how the budget was spread over layers ("kind", "rule", ...)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -117,12 +118,21 @@ class MLARecord(ConversionRecord):
                     f"latent of rank {m.kv_rank} (kvslim's hosted class)")
         if m.variant == LATENT_ROPE:
             scales = f" and {m.key_norm_scales} key-norm gains" if m.key_norm_scales else ""
-            return (f"multi-head latent attention: latent rank {m.kv_rank}, a {m.rope_dim}-dim RoPE key shared by "
-                    f"all {heads} heads{scales} per token (kvslim's hosted class)")
+            per_layer = " (per layer)" if isinstance(m.kv_rank, list) else ""
+            return (f"multi-head latent attention: latent rank {span(m.kv_rank)}, a {span(m.rope_dim)}-dim RoPE key "
+                    f"shared by all {heads} heads{scales} per token{per_layer} (kvslim's hosted class)")
         pad = f", +{m.latent_padding} padding" if m.latent_padding else ""
         serve = ", for vLLM" if m.runtime == "vllm" else ""
         return (f"multi-head latent attention (DeepSeek-V3 format{serve}): latent rank {m.kv_rank} (+{m.latent_anchor} "
                 f"anchor{pad}) and a {m.rope_dim}-dim RoPE key shared by all {heads} heads")
+
+
+def span(value: int | list[int]) -> str:
+    """An int, or a per-layer list as its range ("32-96")."""
+    if not isinstance(value, list):
+        return str(value)
+    low, high = min(value), max(value)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _variant_of_version_1(mla: dict) -> str:
@@ -146,7 +156,8 @@ def read_record(data: dict) -> ConversionRecord:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def kv_bytes_per_token(num_layers: int, elements_per_layer: int, dtype) -> int:
+def kv_bytes_per_token(num_layers: int, elements_per_layer: int | list[int], dtype) -> int:
     """KV-cache bytes per token: what every layer caches per token (2 x KV heads x head dim for
-    GQA; latent + RoPE key + scales for MLA), over all layers, in `dtype`."""
-    return num_layers * elements_per_layer * torch.tensor([], dtype=dtype).element_size()
+    GQA; latent + RoPE key + scales for MLA; a list: each layer's), over all layers, in `dtype`."""
+    total = sum(elements_per_layer) if isinstance(elements_per_layer, list) else num_layers * elements_per_layer
+    return total * torch.tensor([], dtype=dtype).element_size()

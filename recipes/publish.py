@@ -19,7 +19,7 @@ from pathlib import Path
 from ..compat import http_errors
 from ..convert.errors import ConversionError
 from ..convert.formatting import human_bytes
-from ..convert.records import read_record
+from ..convert.records import read_record, span
 
 CARD_FILE = "README.md"
 CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # how Transformers names causal LM classes (GPT-2: LMHeadModel)
@@ -63,8 +63,15 @@ def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]
             windows = [windows]
         if windows:
             kept = sorted({(w["start"], w["stride"]) for w in windows})
-            rows.append(("RoPE frequencies kept", f"{m['rope_dim'] // 2} pairs per layer, " + "; ".join(
+            pairs = span([d // 2 for d in m["rope_dim"]] if isinstance(m["rope_dim"], list) else m["rope_dim"] // 2)
+            rows.append(("RoPE frequencies kept", f"{pairs} pairs per layer, " + "; ".join(
                 f"from index {a}, stride {b}" for a, b in kept)))
+        allocation = m.get("allocation")
+        if allocation and allocation["kind"] == "per-layer":
+            rows.append(("cache per layer", "allocated over layers (" + allocation["rule"] + "): latent rank "
+                         + ", ".join(map(str, m["kv_rank"])) + "; RoPE dims " + ", ".join(map(str, m["rope_dim"]))))
+        elif allocation:
+            rows.append(("cache per layer", f"uniform ({allocation['rule']})"))
         if m.get("qk_norm") and m["qk_norm"] != "none":
             rows.append(("q/k norm", m["qk_norm"]))
     else:

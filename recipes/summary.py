@@ -27,7 +27,7 @@ class ModelSummary:
     head_dim: int
     hidden_size: int
     dtype: str
-    kv_elements_per_token_per_layer: int
+    kv_elements_per_token_per_layer: float  # the mean, where layers differ (per-layer MLA)
     kv_bytes_per_token: int
     num_parameters: int | None = None
     conversion: dict | None = None
@@ -57,10 +57,16 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
     hidden = get("hidden_size", "n_embd", "d_model")
     dtype = _dtype(text)
     if get("kv_lora_rank") is not None:  # DeepSeek-style multi-head latent attention
-        rope = get("qk_rope_head_dim", default=0)
+        rope, rank = get("qk_rope_head_dim", default=0), get("kv_lora_rank")
         # kvslim's hosted MLA for q/k-norm sources also caches one key-norm gain per source KV head
         scales = get("num_key_value_heads", default=heads) if getattr(text, "latent_key_norm", False) else 0
-        per_layer = get("kv_lora_rank") + rope + scales
+        if isinstance(rank, list):  # per-layer shapes (kvslim's allocation): the mean over layers
+            layer_elements = [r + d + scales for r, d in zip(rank, rope)]
+            rope = max(rope)
+        else:
+            layer_elements = [rank + rope + scales] * layers
+        total = sum(layer_elements)
+        per_layer = total // layers if total % layers == 0 else round(total / layers, 2)
         # DeepSeek's query/key head = nope + rope dims; kvslim's hosted MLA keeps the source's head dim
         nope = get("qk_nope_head_dim")
         head_dim = nope + rope if nope is not None else get("head_dim", default=hidden // heads)
@@ -71,13 +77,14 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
             kv_heads = heads
         head_dim = get("head_dim", default=hidden // heads)
         per_layer = 2 * kv_heads * head_dim
+        layer_elements = [per_layer] * layers
         kind = "MHA" if kv_heads == heads else "MQA" if kv_heads == 1 else "GQA"
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     return ModelSummary(
         source=source, architecture=arch, model_type=text.model_type, attention=kind, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden,
         dtype=str(dtype).removeprefix("torch."), kv_elements_per_token_per_layer=per_layer,
-        kv_bytes_per_token=kv_bytes_per_token(layers, per_layer, dtype), num_parameters=num_parameters,
+        kv_bytes_per_token=kv_bytes_per_token(layers, layer_elements, dtype), num_parameters=num_parameters,
         conversion=getattr(config, "kvslim", None),
     )
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvslim
+from kvslim.convert.records import span
 
 from common import (
     CALIB,
@@ -55,7 +56,11 @@ def test_budget_cache_holds_latent_rope_key_and_scales_and_decode_is_absorbed(ar
     record = kvslim.convert(str(src), tmp_path / "q", to="mla", kv_budget=0.25, calib_data=str(text_file),
                             calib_samples=8, calib_seq_len=32, refine_steps=5, progress=False)
     kv_heads = 4 if arch == "gpt_neox" else 2
-    assert record.mla["cache_elements_per_layer"] <= 0.25 * 2 * kv_heads * 16
+    # the budget is spread over the layers (and between RoPE key and latent): exactly all of it
+    layers = model.config.num_hidden_layers
+    assert record.mla["allocation"]["kind"] == "per-layer" and len(record.mla["kv_rank"]) == layers
+    assert sum(record.mla["cache_elements_per_layer"]) == layers * int(0.25 * 2 * kv_heads * 16)
+    assert record.kv_bytes_per_token_after * 4 == record.kv_bytes_per_token_before
     out = load(tmp_path / "q")
     assert kvslim.describe(out.config).kv_bytes_per_token == record.kv_bytes_per_token_after
     cache = DynamicCache(config=out.config)
@@ -72,7 +77,8 @@ def test_budget_cache_holds_latent_rope_key_and_scales_and_decode_is_absorbed(ar
         from kvslim.recipes.publish import render_card
 
         text = render_card(tmp_path / "q", "me/qwen3-mla").content
-        assert f"latent rank {record.mla['kv_rank']}" in text and "2 key-norm gains" in text
+        assert f"latent rank {span(record.mla['kv_rank'])}" in text and "2 key-norm gains" in text
+        assert "allocated over layers" in text and ", ".join(map(str, record.mla["kv_rank"])) in text
         assert "exact at full rank" in text and "pairs per layer, from index 0" in text
 
 

@@ -18,18 +18,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import text_config
+from ..allocation import LayerChoices, allocate
 from ..errors import ConversionError
 from ..gqa import head_views, pair_indices
 from ..mla import (
     INITS,
     ROPE_STRATEGIES,
     MLAShape,
+    budget_elements,
     check_rank,
     check_shape,
     constant_fit,
     convert_attention_latent,
     convert_attention_latent_rope,
     convert_attention_mla,
+    latent_rope_layer_errors,
     max_latent_rank,
     rope_progression,
     rotation_keep_factor,
@@ -46,6 +49,9 @@ ANCHORED = ("kv_a_layernorm", "kv_a_proj_with_mqa.bias", "q_a_layernorm", "q_a_p
 # the per-tensor step size of every other row, so the down-projection stays as solved.
 ANCHORED_BIAS_FREE = ("kv_a_proj_with_mqa",)
 RUNTIMES = ("transformers", "vllm")
+# per-layer: the hosted RoPE class spreads --kv-budget over layers and between RoPE key and latent
+# (convert/allocation.py); uniform: every layer gets the same shape. DeepseekV3 has one shape.
+ALLOCATIONS = ("per-layer", "uniform")
 # (kv_lora_rank, qk_rope_head_dim) vLLM's MLA kernels take: FlashMLA and the CPU decode kernel
 # need 512 + 64 = 576 cached elements per token and layer; some GPU backends also take 256 + 64.
 VLLM_SHAPES = ((512, 64), (256, 64))
@@ -59,8 +65,11 @@ class MLAOptions:
     mla_init: str = "whitened"
     rope_strategy: str = "rotate"
     runtime: str = "transformers"  # vllm: a DeepseekV3 checkpoint inside vLLM's kernel constraints
+    allocation: str = "per-layer"
 
     def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise ConversionError(f"Unknown --allocation '{self.allocation}'; valid: {', '.join(ALLOCATIONS)}.")
         if self.runtime not in RUNTIMES:
             raise ConversionError(f"Unknown --runtime '{self.runtime}'; valid: {', '.join(RUNTIMES)}.")
         if self.mla_init not in INITS:
@@ -195,6 +204,18 @@ def deepseek_config(source_config, shape: MLAShape, window: tuple[int, int], que
     )
 
 
+def source_stream(job, runner, label: str):
+    """(index, source attention weights, attention input moment) of every layer, with the
+    calibration stream advanced through the *source* layers (on a copy of the runner): a pass that
+    decides something for all layers before the first one is converted."""
+    layout, source_layers = job.layout, list(runner.layers)
+    probe = copy.copy(runner)
+    probe.hidden = list(runner.hidden)
+    for i in tqdm(range(layout.num_layers), desc=label, unit="layer", disable=not job.settings.progress):
+        yield i, job.adapter.read(job.src.reader, i, layout), probe.attention_input_moment(i, job.adapter.attention_module)
+        probe.advance(i, source_layers[i], {})
+
+
 class DeepseekMLA(_MLA):
     """Output: DeepseekV3ForCausalLM (q_lora_rank None unless the source has a query bias, dense MLP
     in every layer, no MoE), loaded by plain `AutoModelForCausalLM.from_pretrained`."""
@@ -217,15 +238,8 @@ class DeepseekMLA(_MLA):
         # has a single rotary embedding.
         job, layout = self.job, self.job.layout
         gains = torch.zeros(layout.head_dim // 2, dtype=torch.float64)
-        source_layers = list(runner.layers)
-        probe = copy.copy(runner)
-        probe.hidden = list(runner.hidden)
-        for i in tqdm(range(layout.num_layers), desc="MLA: choosing RoPE frequencies", unit="layer",
-                      disable=not job.settings.progress):
-            cov = probe.attention_input_moment(i, job.adapter.attention_module)
-            gains += self._frequency_gain(job.adapter.read(job.src.reader, i, layout), cov)
-            probe.advance(i, source_layers[i], {})
-        del probe
+        for _, weights, cov in source_stream(job, runner, "MLA: choosing RoPE frequencies"):
+            gains += self._frequency_gain(weights, cov)
         self.window = rope_progression(gains, self.shape.rope_dim // 2)
         return self._config_dtype(deepseek_config(job.src.config, self.shape, self.window, self.query_bias,
                                                   bias_free=self.vllm, padding=self.padding))
@@ -393,25 +407,71 @@ class LatentRopeMLA(_HostedMLA):
                                         reserved_what="key-norm scales")
         self.eps = getattr(text_config(job.src.config), "rms_norm_eps", 1e-6)
         self.windows: list = []
+        # --kv-rank / --rope-dim fix the shape of every layer; a bare --kv-budget is spread over them
+        self.per_layer = (self.options.allocation == "per-layer" and self.options.kv_budget is not None
+                          and self.options.rope_dim is None)
+        self.shapes = [self.shape] * layout.num_layers
+        self.estimated_errors: list[float] | None = None
 
     def output_config(self, runner):
-        return self._hosted_config(self.job.layout.num_kv_heads, kv_lora_rank=self.shape.kv_rank,
-                                   qk_rope_head_dim=self.shape.rope_dim)
+        if self.per_layer:
+            self.shapes = self._allocate(runner)
+        ranks, ropes = [s.kv_rank for s in self.shapes], [s.rope_dim for s in self.shapes]
+        return self._hosted_config(self.job.layout.num_kv_heads,
+                                   kv_lora_rank=ranks if self.per_layer else ranks[0],
+                                   qk_rope_head_dim=ropes if self.per_layer else ropes[0])
+
+    def _allocate(self, runner) -> list[MLAShape]:
+        """Per-layer (rank, RoPE dims) with the total cache of the uniform shape, least summed
+        estimated error (`latent_rope_errors`, on the source's calibration stream)."""
+        job, layout = self.job, self.job.layout
+        pairs = self.re.shape[0]
+        step = max(1, pairs // 16)
+        pair_counts = sorted({*range(step, pairs + 1, step), 1, pairs})
+        max_rank = max_latent_rank(layout, layout.hidden_size)
+        choices = []
+        for i, weights, cov in source_stream(job, runner, "MLA: allocating the cache over layers"):
+            theta = layer_frequencies(runner.layer_kwargs[i], self.re)
+            errors = latent_rope_layer_errors(weights, layout, theta, cov, pair_counts,
+                                              rope_strategy=self.options.rope_strategy,
+                                              context=job.settings.calib_seq_len, rope_layout=self.rope_layout,
+                                              norm_eps=self.eps)
+            layer = LayerChoices()
+            for p, err in errors.items():
+                for rank in range(1, max_rank + 1):
+                    layer.offer(2 * p + rank + self.scales, float(err[rank]), (rank, 2 * p, float(err[rank])))
+            choices.append(layer)
+        total = layout.num_layers * budget_elements(self.options.kv_budget, layout)
+        picked = allocate(choices, total)
+        self.estimated_errors = [round(e, 6) for _, _, e in picked]
+        return [MLAShape(rank, rope) for rank, rope, _ in picked]
 
     def prepare_layers(self, target_model) -> None:
         self.model_class = type(target_model.get_submodule(self.job.adapter.layers_path)[0]).__module__
 
     def new_record(self, common: dict) -> MLARecord:
-        shape = self.shape
         qk_norm = ("exact at full rank: queries keep the source's q-norm; the latent factors the key before its "
                    "norm and the cache holds each token's key-norm gain (one per source KV head)"
                    if self.job.adapter.qk_norm else "none")
+        ranks, ropes = [s.kv_rank for s in self.shapes], [s.rope_dim for s in self.shapes]
+        cache = [s.kv_rank + s.rope_dim + self.scales for s in self.shapes]
+        if self.per_layer:
+            allocation = {"kind": "per-layer", "rule": "least summed estimated relative error (score + output) with "
+                          "the total cache of --kv-budget", "estimated_error": self.estimated_errors}
+        else:
+            why = "--kv-rank/--rope-dim fix the shape" if self.options.kv_budget is None or self.options.rope_dim \
+                else "--allocation uniform"
+            allocation = {"kind": "uniform", "rule": why}
         return self._record(common, MLADetails(
-            LATENT_ROPE, shape.kv_rank, shape.rope_dim, shape.kv_rank + shape.rope_dim + self.scales,
-            self.options.mla_init, self.options.rope_strategy, key_norm_scales=self.scales,
-            context_for_beta=self.job.settings.calib_seq_len, model_class=self.model_class, qk_norm=qk_norm))
+            LATENT_ROPE, ranks if self.per_layer else ranks[0], ropes if self.per_layer else ropes[0],
+            cache if self.per_layer else cache[0], self.options.mla_init, self.options.rope_strategy,
+            key_norm_scales=self.scales, context_for_beta=self.job.settings.calib_seq_len,
+            model_class=self.model_class, qk_norm=qk_norm, allocation=allocation))
 
     def progress_label(self) -> str:
+        if self.per_layer:
+            ranks, ropes = [s.kv_rank for s in self.shapes], [s.rope_dim for s in self.shapes]
+            return f"MLA ({self.options.mla_init}, per layer: rank {min(ranks)}-{max(ranks)}, rope {min(ropes)}-{max(ropes)})"
         return f"MLA ({self.options.mla_init}, rank {self.shape.kv_rank}, rope {self.shape.rope_dim})"
 
     def convert_layer(self, index, weights, cov, runner) -> LayerOutput:
@@ -420,8 +480,9 @@ class LatentRopeMLA(_HostedMLA):
         if o_bias in job.src.reader.keys():
             weights.o_b = job.src.reader.get(o_bias)
         theta = layer_frequencies(runner.layer_kwargs[index], self.re)
+        shape = self.shapes[index]
         tensors, window = convert_attention_latent_rope(
-            weights, job.layout, self.shape.kv_rank, self.shape.rope_dim, theta, cov=cov, init=self.options.mla_init,
+            weights, job.layout, shape.kv_rank, shape.rope_dim, theta, cov=cov, init=self.options.mla_init,
             rope_strategy=self.options.rope_strategy, context=job.settings.calib_seq_len,
             rope_layout=self.rope_layout, norm_eps=self.eps)
         self.windows.append(list(window))

@@ -146,6 +146,12 @@ def cache_latent(cache, latent: torch.Tensor, layer_idx: int) -> torch.Tensor:
     return latent
 
 
+def of_layer(value, layer_idx: int):
+    """A config field that is one value for all layers, or a list with one per layer (kvslim's
+    per-layer cache allocation)."""
+    return value[layer_idx] if isinstance(value, (list, tuple)) else value
+
+
 class LatentRopeAttention(nn.Module):
     """Multi-head latent attention with a shared RoPE key, for sources with RoPE in every head.
 
@@ -174,7 +180,7 @@ class LatentRopeAttention(nn.Module):
         self.num_heads, self.head_dim, self.scaling = config.num_attention_heads, head_dim, scaling
         self.num_key_value_heads = num_key_value_heads  # the source's: one key scale each
         self.num_key_value_groups = 1  # keys/values are expanded per head
-        self.rank, self.pairs = config.kv_lora_rank, config.qk_rope_head_dim // 2
+        self.rank, self.pairs = of_layer(config.kv_lora_rank, layer_idx), of_layer(config.qk_rope_head_dim, layer_idx) // 2
         self.softcap, self.sliding_window, self.norm_eps = softcap, sliding_window, norm_eps
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
@@ -255,7 +261,8 @@ class LatentRopeAttention(nn.Module):
 
 
 def latent_rope_config(base):
-    """`base` (a Transformers config class) plus the two fields LatentRopeAttention reads."""
+    """`base` (a Transformers config class) plus the two fields LatentRopeAttention reads (each an
+    int, or a list with one value per layer)."""
 
     class LatentRopeConfig(base):
         def __init__(self, kv_lora_rank: int = 64, qk_rope_head_dim: int = 16, **kwargs):
