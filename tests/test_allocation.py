@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import kvslim
-from kvslim.convert.adapters import AttentionLayout
 from kvslim.convert.allocation import LayerChoices, allocate
 from kvslim.convert.gqa import pair_indices
 from kvslim.convert.mla import latent_rope_errors
