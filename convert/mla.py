@@ -350,12 +350,10 @@ def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: st
     energy_q = query_energy(q, cov, re, im, None)
     dropped_cost = (1 - beta**2) * (energy_q * query_energy(k, cov, re, im, None)).sum(0)  # (F,)
     kept_cost = (1 - beta**2) * (energy_q * query_energy(from_complex(resid, re, im, hd), cov, re, im, None)).sum(0)
-    q_roots = torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q])
-    score = float(torch.einsum("hij,hjd,de,hie->", q_roots, k, cov, q_roots @ k).clamp(min=1e-30))
+    score = _score_energy(q, k, cov)
     _, q_nope = nope_remainder(q, k, resid, beta, torch.arange(0), re, im)
-    key_blocks = torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q_nope]) / math.sqrt(score)
-    values = torch.stack([sym_sqrt(oi.T @ oi)[0] for oi in o]) @ v
-    values = values / math.sqrt(float(torch.einsum("hid,de,hie->", values, cov, values).clamp(min=1e-30)))
+    key_blocks = _query_roots(q_nope, cov) / math.sqrt(score)
+    values = _value_rows(v, o, cov)
     out = {}
     for pairs in pair_counts:
         start, stride = rope_progression(gain, pairs)
@@ -364,11 +362,39 @@ def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: st
         is_kept[kept] = True
         lost = float(torch.where(is_kept, kept_cost, dropped_cost).sum()) / score
         k_nope, _ = nope_remainder(q, k, resid, beta, kept, re, im)
-        rows = torch.cat([key_blocks @ k_nope, values]).reshape(2 * nh * hd, D)
-        lam = gram_eigenvalues(rows, cov)
-        tail = torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])  # tail[r] = sum_{i >= r}
-        out[pairs] = lost + tail
+        out[pairs] = lost + _tail(torch.cat([key_blocks @ k_nope, values]).reshape(2 * nh * hd, D), cov)
     return out
+
+
+def latent_errors(q, k, v, o, cov) -> torch.Tensor:
+    """`latent_rope_errors` without RoPE (GPT-2, OPT, BERT): err[r], r = 0 .. max rank, the relative
+    score + output error a rank-r latent of [K; V] leaves."""
+    nh, hd, D = k.shape
+    keys = _query_roots(q, cov) @ k / math.sqrt(_score_energy(q, k, cov))
+    return _tail(torch.cat([keys, _value_rows(v, o, cov)]).reshape(2 * nh * hd, D), cov)
+
+
+def _query_roots(q, cov) -> torch.Tensor:
+    """Per head, (q cov q^T)^(1/2): weighting a key by it measures the scores' error."""
+    return torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q])
+
+
+def _score_energy(q, k, cov) -> float:
+    """Sum over heads of E[(q . k)^2], for query and key inputs drawn independently."""
+    weighted = _query_roots(q, cov) @ k
+    return float(torch.einsum("hid,de,hie->", weighted, cov, weighted).clamp(min=1e-30))
+
+
+def _value_rows(v, o, cov) -> torch.Tensor:
+    """Values weighted by each head's o_proj Gram, scaled to unit output energy."""
+    values = torch.stack([sym_sqrt(oi.T @ oi)[0] for oi in o]) @ v
+    return values / math.sqrt(float(torch.einsum("hid,de,hie->", values, cov, values).clamp(min=1e-30)))
+
+
+def _tail(rows, cov) -> torch.Tensor:
+    """tail[r] = sum of the Gram's eigenvalues beyond the r largest, r = 0 .. their count."""
+    lam = gram_eigenvalues(rows, cov)
+    return torch.cat([lam.flip(0).cumsum(0).flip(0), lam.new_zeros(1)])
 
 
 def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Tensor:

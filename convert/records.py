@@ -114,8 +114,9 @@ class MLARecord(ConversionRecord):
     def summary(self) -> str:
         m, heads = self.mla, self.num_heads
         if m.variant == LATENT:
+            per_layer = " (per layer)" if isinstance(m.kv_rank, list) else ""
             return (f"multi-head latent attention: keys and values of all {heads} heads from one cached "
-                    f"latent of rank {m.kv_rank} (kvslim's hosted class)")
+                    f"latent of rank {span(m.kv_rank)}{per_layer} (kvslim's hosted class)")
         if m.variant == LATENT_ROPE:
             scales = f" and {m.key_norm_scales} key-norm gains" if m.key_norm_scales else ""
             per_layer = " (per layer)" if isinstance(m.kv_rank, list) else ""

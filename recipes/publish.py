@@ -68,8 +68,9 @@ def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]
                 f"from index {a}, stride {b}" for a, b in kept)))
         allocation = m.get("allocation")
         if allocation and allocation["kind"] == "per-layer":
+            rope = "; RoPE dims " + ", ".join(map(str, m["rope_dim"])) if isinstance(m["rope_dim"], list) else ""
             rows.append(("cache per layer", "allocated over layers (" + allocation["rule"] + "): latent rank "
-                         + ", ".join(map(str, m["kv_rank"])) + "; RoPE dims " + ", ".join(map(str, m["rope_dim"]))))
+                         + ", ".join(map(str, m["kv_rank"])) + rope))
         elif allocation:
             rows.append(("cache per layer", f"uniform ({allocation['rule']})"))
         if m.get("qk_norm") and m["qk_norm"] != "none":

@@ -60,11 +60,10 @@ def describe(config, source: str = "", num_parameters: int | None = None) -> Mod
         rope, rank = get("qk_rope_head_dim", default=0), get("kv_lora_rank")
         # kvslim's hosted MLA for q/k-norm sources also caches one key-norm gain per source KV head
         scales = get("num_key_value_heads", default=heads) if getattr(text, "latent_key_norm", False) else 0
-        if isinstance(rank, list):  # per-layer shapes (kvslim's allocation): the mean over layers
-            layer_elements = [r + d + scales for r, d in zip(rank, rope)]
-            rope = max(rope)
-        else:
-            layer_elements = [rank + rope + scales] * layers
+        ranks = rank if isinstance(rank, list) else [rank] * layers  # a list: per-layer shapes (kvslim's allocation)
+        ropes = rope if isinstance(rope, list) else [rope] * layers
+        layer_elements = [r + d + scales for r, d in zip(ranks, ropes)]
+        rope = max(ropes)
         total = sum(layer_elements)
         per_layer = total // layers if total % layers == 0 else round(total / layers, 2)
         # DeepSeek's query/key head = nope + rope dims; kvslim's hosted MLA keeps the source's head dim

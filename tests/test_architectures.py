@@ -283,8 +283,11 @@ def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_mod
 
     record = kvslim.convert(str(src), tmp_path / "quarter", to="mla", kv_budget=0.25, calib_data=str(text_file),
                             calib_samples=8, calib_seq_len=32, refine_steps=5, progress=False)
-    assert record.mla["kv_rank"] == 32 and record.kv_bytes_per_token_after * 4 == record.kv_bytes_per_token_before
+    ranks = record.mla["kv_rank"]  # per layer, all of the budget: 2 layers x 32
+    assert record.mla["allocation"]["kind"] == "per-layer" and len(ranks) == 2 and sum(ranks) == 64
+    assert record.kv_bytes_per_token_after * 4 == record.kv_bytes_per_token_before
     quarter = load(tmp_path / "quarter", kind)
+    assert quarter.config.kv_lora_rank == ranks
     assert kvslim.describe(quarter.config).kv_bytes_per_token == record.kv_bytes_per_token_after
     if kind == "causal":  # absorbed decode over the latent cache == full forwards without a cache
         from transformers import DynamicCache
@@ -292,8 +295,8 @@ def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_mod
         cache = DynamicCache(config=quarter.config)
         with torch.no_grad():
             quarter(input_ids=IDS, past_key_values=cache, use_cache=True)
-        layer = cache.layers[0]
-        assert layer.keys.shape == (2, 1, IDS.shape[1], 32) and layer.values.numel() == 0  # only the latent
+        for layer, rank in zip(cache.layers, ranks):
+            assert layer.keys.shape == (2, 1, IDS.shape[1], rank) and layer.values.numel() == 0  # only the latent
         want = greedy_without_cache(quarter, 5)
         for cache in ("dynamic", "static"):
             generated = quarter.generate(IDS[:1], max_new_tokens=5, do_sample=False, cache_implementation=cache)

@@ -32,6 +32,7 @@ from ..mla import (
     convert_attention_latent,
     convert_attention_latent_rope,
     convert_attention_mla,
+    latent_errors,
     latent_rope_layer_errors,
     max_latent_rank,
     rope_progression,
@@ -39,7 +40,7 @@ from ..mla import (
     shape_for_budget,
     shared_rope_key,
 )
-from ..records import DEEPSEEK, LATENT, LATENT_ROPE, MLADetails, MLARecord, kv_bytes_per_token
+from ..records import DEEPSEEK, LATENT, LATENT_ROPE, MLADetails, MLARecord, kv_bytes_per_token, span
 from ..refine import REFINE_STEPS
 from .base import ConversionMethod, LayerOutput
 
@@ -336,6 +337,14 @@ class _HostedMLA(_MLA):
     def hosted_class(self) -> str:
         return self.job.adapter.mla_hosted_class(self.job.src.model_type)
 
+    def _allocation_record(self, estimated_errors) -> dict:
+        if self.per_layer:
+            return {"kind": "per-layer", "rule": "least summed estimated relative error (score + output) within the "
+                    "total cache of --kv-budget", "estimated_error": estimated_errors}
+        if self.options.kv_budget is None or self.options.rope_dim is not None:
+            return {"kind": "uniform", "rule": "--kv-rank/--rope-dim fix the shape"}
+        return {"kind": "uniform", "rule": "--allocation uniform"}
+
     def _hosted_config(self, kv_heads: int, **latent_fields):
         from ...modeling.hosted import hosted_config
 
@@ -359,24 +368,48 @@ class LatentMLA(_HostedMLA):
             raise ConversionError(f"--rope-dim does not apply: '{self.job.src.model_type}' has no rotary embeddings.")
         rank = self.options.kv_rank
         if self.options.uses_budget("--kv-rank R"):
-            rank = min(int(self.options.kv_budget * 2 * layout.num_kv_heads * layout.head_dim + 1e-9),
-                       max_latent_rank(layout, layout.hidden_size))
+            rank = min(budget_elements(self.options.kv_budget, layout), max_latent_rank(layout, layout.hidden_size))
         check_rank(rank, layout, layout.hidden_size)
-        self.kv_rank = rank
+        self.per_layer = self.options.allocation == "per-layer" and self.options.kv_budget is not None
+        self.ranks = [rank] * layout.num_layers
+        self.estimated_errors: list[float] | None = None
 
     def output_config(self, runner):
-        return self._hosted_config(self.job.layout.num_heads, kv_lora_rank=self.kv_rank)
+        if self.per_layer:
+            self.ranks = self._allocate(runner)
+        return self._hosted_config(self.job.layout.num_heads,
+                                   kv_lora_rank=self.ranks if self.per_layer else self.ranks[0])
+
+    def _allocate(self, runner) -> list[int]:
+        """Per-layer latent ranks with the total cache of --kv-budget, least summed estimated
+        error (`latent_errors`, on the source's calibration stream)."""
+        job, layout = self.job, self.job.layout
+        max_rank = max_latent_rank(layout, layout.hidden_size)
+        choices = []
+        for _, weights, cov in source_stream(job, runner, "MLA: allocating the cache over layers"):
+            q, k, v, o = head_views(weights, layout)
+            errors = latent_errors(q, k, v, o, cov.double())
+            layer = LayerChoices()
+            for rank in range(1, max_rank + 1):
+                layer.offer(rank, float(errors[rank]), (rank, float(errors[rank])))
+            choices.append(layer)
+        picked = allocate(choices, layout.num_layers * budget_elements(self.options.kv_budget, layout))
+        self.estimated_errors = [round(e, 6) for _, e in picked]
+        return [rank for rank, _ in picked]
 
     def new_record(self, common: dict) -> MLARecord:
-        return self._record(common, MLADetails(LATENT, self.kv_rank, 0, self.kv_rank, self.options.mla_init,
-                                               "none (no rotary embeddings)"))
+        ranks = self.ranks if self.per_layer else self.ranks[0]
+        return self._record(common, MLADetails(LATENT, ranks, 0, ranks, self.options.mla_init,
+                                               "none (no rotary embeddings)",
+                                               allocation=self._allocation_record(self.estimated_errors)))
 
     def progress_label(self) -> str:
-        return f"MLA ({self.options.mla_init}, rank {self.kv_rank})"
+        return f"MLA ({self.options.mla_init}, rank {span(self.ranks)})"
 
     def convert_layer(self, index, weights, cov, runner) -> LayerOutput:
         adapter = self.job.adapter
-        latent = convert_attention_latent(weights, self.job.layout, self.kv_rank, cov=cov, init=self.options.mla_init)
+        latent = convert_attention_latent(weights, self.job.layout, self.ranks[index], cov=cov,
+                                          init=self.options.mla_init)
         replaced = set(adapter.write(weights, index))
         return LayerOutput(adapter.write_latent(weights, latent, index), drops=replaced.__contains__)
 
@@ -455,13 +488,7 @@ class LatentRopeMLA(_HostedMLA):
                    if self.job.adapter.qk_norm else "none")
         ranks, ropes = [s.kv_rank for s in self.shapes], [s.rope_dim for s in self.shapes]
         cache = [s.kv_rank + s.rope_dim + self.scales for s in self.shapes]
-        if self.per_layer:
-            allocation = {"kind": "per-layer", "rule": "least summed estimated relative error (score + output) with "
-                          "the total cache of --kv-budget", "estimated_error": self.estimated_errors}
-        else:
-            why = "--kv-rank/--rope-dim fix the shape" if self.options.kv_budget is None or self.options.rope_dim \
-                else "--allocation uniform"
-            allocation = {"kind": "uniform", "rule": why}
+        allocation = self._allocation_record(self.estimated_errors)
         return self._record(common, MLADetails(
             LATENT_ROPE, ranks if self.per_layer else ranks[0], ropes if self.per_layer else ropes[0],
             cache if self.per_layer else cache[0], self.options.mla_init, self.options.rope_strategy,

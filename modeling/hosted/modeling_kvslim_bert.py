@@ -17,7 +17,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, of_layer, set_key_value_heads, takes_cache
 
 
 class KvslimBertConfig(BertConfig):
@@ -47,7 +47,7 @@ class KvslimBertSelfAttention(BertSelfAttention):
             del self.key, self.value
             self.num_key_value_groups = 1
             self.latent = LatentKV(config.hidden_size, self.num_attention_heads, self.attention_head_size,
-                                   config.kv_lora_rank)
+                                   of_layer(config.kv_lora_rank, layer_idx))
             return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads  # SDPA's native GQA

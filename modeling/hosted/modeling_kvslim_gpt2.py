@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, of_layer, set_key_value_heads, takes_cache
 
 
 class KvslimGPT2Config(GPT2Config):
@@ -42,7 +42,7 @@ class KvslimGPT2Attention(GPT2Attention):
             self.num_key_value_groups = 1  # keys/values are expanded per head from the latent
             self.split_size = [self.embed_dim]
             self.c_attn = Conv1D(self.embed_dim, self.embed_dim)
-            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, config.kv_lora_rank)
+            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, of_layer(config.kv_lora_rank, layer_idx))
             return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by SDPA for native GQA

@@ -19,7 +19,7 @@ from transformers import OPTConfig, OPTForCausalLM, OPTModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention
 
-from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, set_key_value_heads, takes_cache
+from .kvslim_attention import LatentKV, cache_latent, eager_gqa_attention, of_layer, set_key_value_heads, takes_cache
 
 # OPT's own eager attention takes the softmax in float32
 eager_attention = partial(eager_gqa_attention, softmax_dtype=torch.float32)
@@ -42,7 +42,7 @@ class KvslimOPTAttention(OPTAttention):
         if config.kv_lora_rank:
             del self.k_proj, self.v_proj
             self.num_key_value_groups = 1
-            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, config.kv_lora_rank)
+            self.latent = LatentKV(self.embed_dim, self.num_heads, self.head_dim, of_layer(config.kv_lora_rank, layer_idx))
             return
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # SDPA's native GQA
