@@ -88,7 +88,9 @@ CALIBRATION = dict(calib_samples=2048, calib_seq_len=32)  # 65,536 tokens in sen
 MLA_VARIANTS = [
     ("svd (MHA2MLA), closed form", dict(mla_init="svd", refine_steps=0)),
     ("pca (TransMLA), closed form", dict(mla_init="pca", refine_steps=0)),
+    ("whitened, closed form, one rank for all layers", dict(mla_init="whitened", refine_steps=0, allocation="uniform")),
     ("whitened, closed form", dict(mla_init="whitened", refine_steps=0)),
+    ("whitened + refine, one rank for all layers", dict(mla_init="whitened", allocation="uniform")),
     ("whitened + refine (default)", dict(mla_init="whitened")),
 ]
 RUNS = [(t, label, {**tkw, **vkw})
@@ -100,7 +102,7 @@ RUNS.insert(len(GQA_VARIANTS), ("12 -> 4", "aware + refine, 128 x 128-token cali
 RUNS += [("MLA 1/4", label, dict(to="mla", kv_budget=0.25, **vkw)) for label, vkw in MLA_VARIANTS]
 
 
-def run(work: Path) -> dict:
+def run(work: Path, targets: list[str] | None = None) -> dict:
     import torch
 
     model = fetch_model(Path(os.environ.get("KVSLIM_CACHE", ROOT / "out" / ".cache")))
@@ -110,6 +112,8 @@ def run(work: Path) -> dict:
     source = torch.load(work / "source.pt")
     rows = []
     for target, label, kwargs in RUNS:
+        if targets and not any(target.startswith(t) for t in targets):
+            continue
         out = work / "converted"
         args = dict(source=str(model), output=str(out), calib_data=str(TEXT / "wikitext2_valid.tokens.txt"),
                     **{**CALIBRATION, **kwargs})
@@ -118,6 +122,7 @@ def run(work: Path) -> dict:
         cos = (torch.load(work / "converted.pt") * source).sum(-1)
         rec = conv["record"]
         rows.append(dict(target=target, variant=label, kv_heads=info["kv_heads"], model_type=info["model_type"],
+                         kv_rank=(rec.get("mla") or {}).get("kv_rank"),
                          kv_bytes_before=rec["kv_bytes_per_token_before"], kv_bytes_after=rec["kv_bytes_per_token_after"],
                          cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                          cosine_p05=float(cos.quantile(0.05)), seconds=round(conv["seconds"], 1),
@@ -133,11 +138,15 @@ def markdown(result: dict) -> str:
     lines = ["# Encoder conversion benchmark: all-MiniLM-L6-v2 (no training)", "", machine_line(result["machine"]), "",
              f"Cosine similarity between the source's and the converted model's sentence embeddings (mean pooling, "
              f"normalised) on {result['sentences']:,} WikiText-2 test sentences; calibration on WikiText-2 validation "
-             f"({CALIBRATION['calib_samples']:,} windows of {CALIBRATION['calib_seq_len']} tokens unless stated). Converted encoders load as kvslim's hosted `kvslim_bert` class (MLA: one cached latent of rank 192 per token and layer, no RoPE in BERT).", "",
+             f"({CALIBRATION['calib_samples']:,} windows of {CALIBRATION['calib_seq_len']} tokens unless stated). Converted encoders load as kvslim's hosted `kvslim_bert` class (MLA: one cached latent per token and layer, no RoPE in BERT; 192 elements per layer on average at 1/4, per-layer ranks listed below the table).", "",
              "| target | variant | KV bytes/token | mean cosine | 5th pct | min | s | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['target']} | {r['variant']} | {r['kv_bytes_before']:,} -> {r['kv_bytes_after']:,} | "
                      f"{r['cosine_mean']:.4f} | {r['cosine_p05']:.4f} | {r['cosine_min']:.4f} | {r['seconds']} | {r['peak_rss_mib']} |")
+    ranks = [r for r in result["rows"] if isinstance(r.get("kv_rank"), list)]
+    if ranks:
+        lines += ["", "Per-layer latent ranks (the default allocation of --kv-budget): " + "; ".join(
+            f"{r['variant']}: {' '.join(map(str, r['kv_rank']))}" for r in ranks) + "."]
     default = {r["target"]: r["cosine_mean"] for r in result["rows"] if r["variant"].endswith("(default)")}
     mean = {r["target"]: r["cosine_mean"] for r in result["rows"] if r["variant"].startswith("mean")}
     if "12 -> 4" in default:
@@ -172,9 +181,10 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="encoder_conversion")
+    parser.add_argument("--targets", nargs="*", default=None, help='only these rows, e.g. "MLA"')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvslim-encoder-bench-") as tmp:
-        result = run(Path(tmp))
+        result = run(Path(tmp), args.targets)
     print(save_results(args.name, result, markdown, plot))
 
 

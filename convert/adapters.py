@@ -86,6 +86,11 @@ class AttentionAdapter:
     deepseek_mla: bool = False
     hosted_mla: bool = False
     stored_as_hosted: bool = False  # the source is kvslim's hosted class (its own tensor layout)
+    # GGUF: tensors read one at a time under the gguf package's name map (else Transformers'
+    # loader dequantises the whole file), and the GGUF architectures whose q/k rows llama.cpp
+    # permuted for its RoPE kernel
+    gguf_lazy: bool = False
+    gguf_permuted_qk: tuple[str, ...] = ()
 
     def mla_hosted_class(self, model_type: str) -> str | None:
         """The kvslim-hosted class an MLA conversion of `model_type` writes, if any."""
@@ -323,6 +328,11 @@ def register_adapter(adapter: AttentionAdapter) -> AttentionAdapter:
     return adapter
 
 
+def registered_adapter(model_type: str) -> AttentionAdapter | None:
+    """The adapter registered for `model_type` as a source, or None."""
+    return _REGISTRY.get(model_type)
+
+
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -383,7 +393,8 @@ def get_adapter(model_type: str) -> AttentionAdapter:
 
 # Llama-style attention: separate q/k/v/o projections, rotate-half RoPE. Biases (Qwen2) are
 # picked up from the checkpoint itself, so one adapter covers with- and without-bias variants.
-register_adapter(AttentionAdapter("llama", ("llama", "mistral", "qwen2"), deepseek_mla=True))
+register_adapter(AttentionAdapter("llama", ("llama", "mistral", "qwen2"), deepseek_mla=True, gguf_lazy=True,
+                                  gguf_permuted_qk=("llama", "mistral")))
 # MoE with softmax routers (and Qwen2-MoE's shared expert) that DeepseekV3's MoE cannot express
 register_adapter(AttentionAdapter("llama_moe", ("mixtral", "qwen2_moe"), hosted_mla=True))
 # GeGLU, soft-capping, (1 + weight) norms: MLA keeps the class

@@ -14,7 +14,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import LayerwiseRunner, calibration_windows, meta_model
+from .calibration import LayerwiseRunner, calibration_windows
+from .meta import meta_model
 from .methods import ConversionMethod, Job
 from .records import RECORD_FILE, ConversionRecord, kv_bytes_per_token
 from .refine import refine_attention

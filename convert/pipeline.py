@@ -12,8 +12,8 @@ import torch
 from ..compat import check_transformers
 from . import driver
 from .adapters import AttentionAdapter, source_adapter
-from .calibration import meta_model
 from .errors import ConversionError
+from .meta import meta_model
 from .methods import Job, Settings, flag, method_class, option_names, options_class, targets
 from .records import RECORD_FILE, ConversionRecord
 from .sources import CheckpointSource, open_source

@@ -1,9 +1,9 @@
 """Where a checkpoint comes from: a Hub id, a local directory, or a .gguf file.
 
-Weights are read lazily, one tensor at a time (safetensors `safe_open`), so weight-only
-conversions never hold the whole model in memory. GGUF files are quantised and have to be
-dequantised by Transformers' loader, which materialises the model once (fine for the small and
-mid-sized models GGUF is used for; say so in the docs rather than pretend otherwise).
+Weights are read lazily, one tensor at a time (safetensors `safe_open`; GGUF through the `gguf`
+package's memory map, dequantised per tensor: convert/gguf_source.py), so weight-only
+conversions never hold the whole model in memory. GGUF architectures whose layout kvslim does not
+read itself (adapter.gguf_lazy False) are dequantised whole by Transformers' loader instead.
 Pickled checkpoints (`*.bin`, `*.pt`) are refused: unpickling untrusted files runs code.
 """
 
@@ -271,17 +271,35 @@ def _weight_files(directory: Path, spec: str) -> list[Path]:
 
 
 def _open_gguf(path: Path) -> CheckpointSource:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .adapters import registered_adapter
 
     try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)  # the header only
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise ConversionError(f"Cannot load GGUF file '{path}': {exc}") from None
+    config.dtype = torch.float32  # tensors come out dequantised
+    adapter = registered_adapter(config.model_type)
+    if adapter is not None and adapter.gguf_lazy:
+        from .gguf_source import GGUFTensorReader
+
+        reader = GGUFTensorReader(path, config, adapter, adapter.model_kind)
+    else:
+        reader = DictReader(_dequantise_all(path, config))
+    return CheckpointSource(str(path), config, reader, path.parent, path.name, [])
+
+
+def _dequantise_all(path: Path, config) -> dict[str, torch.Tensor]:
+    """Every tensor of the file at once, through Transformers' GGUF loader: for architectures
+    whose GGUF layout kvslim does not read itself (adapter.gguf_lazy)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise ConversionError(f"Cannot load GGUF file '{path}': {exc}") from None
     tensors = dict(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    config.dtype = torch.float32
-    return CheckpointSource(str(path), config, DictReader(tensors), path.parent, path.name, [])
+    return tensors
