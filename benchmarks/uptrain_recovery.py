@@ -6,9 +6,11 @@ packed rows (each document starting with BOS).
 
 * gutenberg: llama-mha-gutenberg -> MQA and MLA at 1/4 of the KV cache; training books vs held-out books.
 * smollm2: SmolLM2-135M-Instruct (GQA 9/3) -> GQA 3 -> 1 and MLA at 1/4; WikiText-2 validation vs test.
+* qk_norm: the q/k-norm MQA fixture (gemma3_text) -> MLA at 1/8 (closed form) and 1/4; Gutenberg books.
 
     python benchmarks/uptrain_recovery.py [--model gutenberg|smollm2] [--tokens 1M] [--conversions mqa,mla]
     python benchmarks/uptrain_recovery.py --model smollm2 --conversions mla --recipes lora_distill   # add one curve
+    python benchmarks/uptrain_recovery.py --model qk_norm --conversions mla-eighth-closed-form --recipes distill
 """
 
 from __future__ import annotations
@@ -74,9 +76,26 @@ def smollm2(work: Path, text: str) -> dict:
                 calib=dict(calib_data=spec["calib"], calib_seq_len=512))
 
 
+def qk_norm(work: Path, text: str) -> dict:
+    """The q/k-norm MQA fixture of issue 21 (gemma3_text 4/1, head_dim 128, local/global RoPE; built by
+    train_qk_norm_fixture.py on first use) -> MLA at 1/8 of the KV cache, closed form (its largest
+    one-shot loss), and 1/4; Gutenberg training books vs the held-out books."""
+    from train_qk_norm_fixture import ensure_fixture
+
+    train, held = gutenberg_books()
+    calib = work / "calib.txt"
+    if not calib.is_file():
+        calib.write_text("\n\n".join(Path(b).read_text(encoding="utf-8")[:200_000] for b in train[:20]))
+    return dict(name="gemma3-mqa-gutenberg (q/k-norm MQA fixture)", source=str(ensure_fixture()), train=train,
+                held=held, held_desc="the held-out books", train_desc=f"the {len(train)} training books", seq_len=256,
+                micro_batch=16, conversions={"mla-eighth-closed-form": dict(to="mla", kv_budget=0.125, refine_steps=0),
+                                             "mla-quarter": dict(to="mla", kv_budget=0.25)},
+                calib=dict(calib_data=str(calib), calib_samples=128, calib_seq_len=256))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gutenberg", choices=["gutenberg", "smollm2"])
+    parser.add_argument("--model", default="gutenberg", choices=["gutenberg", "smollm2", "qk_norm"])
     parser.add_argument("--tokens", default="1M")
     parser.add_argument("--conversions", default="mqa,mla")
     parser.add_argument("--eval-every", type=int, default=25)
@@ -104,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-recovery-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        spec = {"gutenberg": gutenberg, "smollm2": smollm2}[args.model](work, args.text)
+        spec = {"gutenberg": gutenberg, "smollm2": smollm2, "qk_norm": qk_norm}[args.model](work, args.text)
         model = spec["source"]
         base = dict(teacher=model, data=spec["train"], eval_data=spec["held"], seq_len=spec["seq_len"],
                     micro_batch=spec["micro_batch"], tokens=args.tokens, eval_every=args.eval_every,
