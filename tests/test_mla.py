@@ -49,6 +49,7 @@ def test_generate_and_cache_holds_only_latent_and_rope_key(save_model, tmp_path,
     out = load(tmp_path / "mla")
     shape = MLAShape(record.mla["kv_rank"], record.mla["rope_dim"])
     assert shape.cache_elements <= 0.25 * 2 * 8 * 16
+    assert record.mla["allocation"]["kind"] == "uniform" and "one kv_lora_rank" in record.mla["allocation"]["rule"]
     cache = DynamicCache(config=out.config)
     with torch.no_grad():
         out(input_ids=IDS, past_key_values=cache, use_cache=True)

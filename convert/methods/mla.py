@@ -263,7 +263,8 @@ class DeepseekMLA(_MLA):
             self.options.rope_strategy, latent_anchor=1, context_for_beta=self.job.settings.calib_seq_len,
             rope_frequencies={"start": self.window[0], "stride": self.window[1]},
             query_bias_via_q_lora=self.query_bias and not self.vllm, runtime=self.options.runtime,
-            latent_padding=self.padding or None))
+            latent_padding=self.padding or None,
+            allocation={"kind": "uniform", "rule": "DeepseekV3 has one kv_lora_rank and qk_rope_head_dim for all layers"}))
         if self.vllm:
             source = 2 * layout.num_kv_heads * layout.head_dim
             record.notes.append(
