@@ -78,6 +78,11 @@ class MLAOptions:
         if self.rope_strategy not in ROPE_STRATEGIES:
             raise ConversionError(f"Unknown --rope-strategy '{self.rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
 
+    def allocates(self) -> bool:
+        """Whether --kv-budget is spread over layers: the allocation ranks shapes by the error the
+        ``whitened`` latent minimises; ``pca``/``svd`` reproduce TransMLA/MHA2MLA, one rank for all."""
+        return self.allocation == "per-layer" and self.kv_budget is not None and self.mla_init == "whitened"
+
     def uses_budget(self, rank_usage: str, required: bool = True) -> bool:
         """At most one of --kv-budget (a fraction in (0, 1]) and --kv-rank, exactly one when
         `required`; True when it is the budget."""
@@ -344,6 +349,9 @@ class _HostedMLA(_MLA):
                     "total cache of --kv-budget", "estimated_error": estimated_errors}
         if self.options.kv_budget is None or self.options.rope_dim is not None:
             return {"kind": "uniform", "rule": "--kv-rank/--rope-dim fix the shape"}
+        if self.options.mla_init != "whitened":
+            return {"kind": "uniform", "rule": f"--mla-init {self.options.mla_init} (TransMLA/MHA2MLA: one rank for all "
+                    "layers)"}
         return {"kind": "uniform", "rule": "--allocation uniform"}
 
     def _hosted_config(self, kv_heads: int, **latent_fields):
@@ -371,7 +379,7 @@ class LatentMLA(_HostedMLA):
         if self.options.uses_budget("--kv-rank R"):
             rank = min(budget_elements(self.options.kv_budget, layout), max_latent_rank(layout, layout.hidden_size))
         check_rank(rank, layout, layout.hidden_size)
-        self.per_layer = self.options.allocation == "per-layer" and self.options.kv_budget is not None
+        self.per_layer = self.options.allocates()
         self.ranks = [rank] * layout.num_layers
         self.estimated_errors: list[float] | None = None
 
@@ -442,8 +450,7 @@ class LatentRopeMLA(_HostedMLA):
         self.eps = getattr(text_config(job.src.config), "rms_norm_eps", 1e-6)
         self.windows: list = []
         # --kv-rank / --rope-dim fix the shape of every layer; a bare --kv-budget is spread over them
-        self.per_layer = (self.options.allocation == "per-layer" and self.options.kv_budget is not None
-                          and self.options.rope_dim is None)
+        self.per_layer = self.options.allocates() and self.options.rope_dim is None
         self.shapes = [self.shape] * layout.num_layers
         self.estimated_errors: list[float] | None = None
 
