@@ -67,7 +67,7 @@ def convert(
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
     mla_init: Optional[str] = typer.Option(None, "--mla-init", help="MLA latent init: whitened (default), pca (TransMLA), svd (MHA2MLA)."),
     rope_strategy: Optional[str] = typer.Option(None, "--rope-strategy", help="MLA RoPE: rotate (concentrate heads per frequency, default) or partial (2-norm selection)."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="MLA, kvslim's hosted RoPE classes: per-layer (default: --kv-budget spread over layers and between RoPE key and latent) or uniform."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="MLA, kvslim's hosted classes: per-layer (--kv-budget spread over layers and between RoPE key and latent; the default with RoPE) or uniform (the default without RoPE)."),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="MLA: transformers (default) or vllm (a DeepseekV3 checkpoint stock vLLM serves: no biases, 512+64 or 256+64 latent)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer (directory or Hub id) for calibration, when the source has none."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: auto (as the source, default), float32, bfloat16, float16."),

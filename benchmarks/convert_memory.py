@@ -10,6 +10,7 @@ shards once (`cat` to /dev/null) measured in the same run.
     python benchmarks/convert_memory.py                          # 1.1B-shaped (16 x 2048), 2GB vs 200MB shards
     python benchmarks/convert_memory.py --shape 7b --shards 2GB  # 32 x 4096, ~13 GB of bf16 shards
     python benchmarks/convert_memory.py --calibrated            # --to mla --kv-budget 0.25, 8 x 128 calibration tokens
+    python benchmarks/convert_memory.py --shape 7b-4layers --calibrated --shards 2GB   # 7B's layers, 4 of them
     KVSLIM_CODE=/path/to/other/checkout python benchmarks/convert_memory.py   # another kvslim, side by side
 """
 
@@ -30,6 +31,7 @@ from gqa_conversion import machine, machine_line, save_results  # noqa: E402
 SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
     "1b": (16, 2048, 5632, 32, 32, 32000),
     "7b": (32, 4096, 11008, 32, 32, 32000),
+    "7b-4layers": (4, 4096, 11008, 32, 32, 32000),  # 7B's layer shape: what bounds a layerwise conversion
 }
 
 

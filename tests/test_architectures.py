@@ -281,8 +281,12 @@ def test_hosted_mla_full_rank_is_exact_and_caches_only_the_latent(arch, save_mod
     torch.testing.assert_close(fresh_interpreter_outputs(tmp_path / "full", kind, tmp_path), outputs(full),
                                rtol=0, atol=1e-5)
 
-    record = kvslim.convert(str(src), tmp_path / "quarter", to="mla", kv_budget=0.25, calib_data=str(text_file),
-                            calib_samples=8, calib_seq_len=32, refine_steps=5, progress=False)
+    uniform = kvslim.convert(str(src), tmp_path / "uniform", to="mla", kv_budget=0.25, calib_data=str(text_file),
+                             **CALIB)  # the default without RoPE: one rank
+    assert uniform.mla["kv_rank"] == 32 and uniform.mla["allocation"]["kind"] == "uniform"
+    record = kvslim.convert(str(src), tmp_path / "quarter", to="mla", kv_budget=0.25, allocation="per-layer",
+                            calib_data=str(text_file), calib_samples=8, calib_seq_len=32, refine_steps=5,
+                            progress=False)
     ranks = record.mla["kv_rank"]  # per layer, all of the budget: 2 layers x 32
     assert record.mla["allocation"]["kind"] == "per-layer" and len(ranks) == 2 and sum(ranks) == 64
     assert record.kv_bytes_per_token_after * 4 == record.kv_bytes_per_token_before

@@ -66,10 +66,10 @@ class MLAOptions:
     mla_init: str = "whitened"
     rope_strategy: str = "rotate"
     runtime: str = "transformers"  # vllm: a DeepseekV3 checkpoint inside vLLM's kernel constraints
-    allocation: str = "per-layer"
+    allocation: str | None = None  # None: the output class's default (its DEFAULT_ALLOCATION)
 
     def __post_init__(self):
-        if self.allocation not in ALLOCATIONS:
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise ConversionError(f"Unknown --allocation '{self.allocation}'; valid: {', '.join(ALLOCATIONS)}.")
         if self.runtime not in RUNTIMES:
             raise ConversionError(f"Unknown --runtime '{self.runtime}'; valid: {', '.join(RUNTIMES)}.")
@@ -78,10 +78,11 @@ class MLAOptions:
         if self.rope_strategy not in ROPE_STRATEGIES:
             raise ConversionError(f"Unknown --rope-strategy '{self.rope_strategy}'; valid: {', '.join(ROPE_STRATEGIES)}.")
 
-    def allocates(self) -> bool:
-        """Whether --kv-budget is spread over layers: the allocation ranks shapes by the error the
-        ``whitened`` latent minimises; ``pca``/``svd`` reproduce TransMLA/MHA2MLA, one rank for all."""
-        return self.allocation == "per-layer" and self.kv_budget is not None and self.mla_init == "whitened"
+    def allocates(self, default: str) -> bool:
+        """Whether --kv-budget is spread over layers (`default`: the output class's choice when
+        --allocation is not given). The allocation ranks shapes by the error the ``whitened`` latent
+        minimises; ``pca``/``svd`` reproduce TransMLA/MHA2MLA, one rank for all layers."""
+        return (self.allocation or default) == "per-layer" and self.kv_budget is not None and self.mla_init == "whitened"
 
     def uses_budget(self, rank_usage: str, required: bool = True) -> bool:
         """At most one of --kv-budget (a fraction in (0, 1]) and --kv-rank, exactly one when
@@ -352,6 +353,8 @@ class _HostedMLA(_MLA):
         if self.options.mla_init != "whitened":
             return {"kind": "uniform", "rule": f"--mla-init {self.options.mla_init} (TransMLA/MHA2MLA: one rank for all "
                     "layers)"}
+        if self.options.allocation is None:
+            return {"kind": "uniform", "rule": self.UNIFORM_BY_DEFAULT}
         return {"kind": "uniform", "rule": "--allocation uniform"}
 
     def _hosted_config(self, kv_heads: int, **latent_fields):
@@ -367,6 +370,13 @@ class LatentMLA(_HostedMLA):
     """Hosted class, no rotary embeddings (GPT-2, OPT, BERT): keys and values of all heads from one
     cached latent (modeling/hosted/kvslim_attention.py)."""
 
+    # measured (benchmarks/results/encoder_conversion_mla_allocation.md): on all-MiniLM-L6-v2 at 1/4,
+    # per-layer ranks gave mean cosine 0.9890 / 0.9920 (closed form / refined) against 0.9895 / 0.9923
+    # with one rank, so one rank stays the default here
+    DEFAULT_ALLOCATION = "uniform"
+    UNIFORM_BY_DEFAULT = ("the default without RoPE (per-layer ranks did not beat one rank on all-MiniLM-L6-v2); "
+                          "--allocation per-layer spreads the budget")
+
     @classmethod
     def applies(cls, adapter, config) -> bool:
         return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) == "none"
@@ -379,7 +389,7 @@ class LatentMLA(_HostedMLA):
         if self.options.uses_budget("--kv-rank R"):
             rank = min(budget_elements(self.options.kv_budget, layout), max_latent_rank(layout, layout.hidden_size))
         check_rank(rank, layout, layout.hidden_size)
-        self.per_layer = self.options.allocates()
+        self.per_layer = self.options.allocates(self.DEFAULT_ALLOCATION)
         self.ranks = [rank] * layout.num_layers
         self.estimated_errors: list[float] | None = None
 
@@ -436,6 +446,9 @@ class LatentRopeMLA(_HostedMLA):
     latent plus one shared RoPE key per layer (`LatentRopeAttention`), and for q/k-norm models one
     key-norm gain per source KV head."""
 
+    DEFAULT_ALLOCATION = "per-layer"
+    UNIFORM_BY_DEFAULT = ""  # never: per-layer is the default
+
     @classmethod
     def applies(cls, adapter, config) -> bool:
         return adapter.mla_hosted_class(config.model_type) is not None and adapter.rope(config) != "none"
@@ -450,7 +463,7 @@ class LatentRopeMLA(_HostedMLA):
         self.eps = getattr(text_config(job.src.config), "rms_norm_eps", 1e-6)
         self.windows: list = []
         # --kv-rank / --rope-dim fix the shape of every layer; a bare --kv-budget is spread over them
-        self.per_layer = self.options.allocates() and self.options.rope_dim is None
+        self.per_layer = self.options.allocates(self.DEFAULT_ALLOCATION) and self.options.rope_dim is None
         self.shapes = [self.shape] * layout.num_layers
         self.estimated_errors: list[float] | None = None
 
