@@ -8,6 +8,10 @@ it. Only one layer's weights are in memory at a time; the output appears atomica
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import time
 
@@ -23,6 +27,11 @@ from .writer import AtomicDirectory, ShardedWriter
 
 
 def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float) -> ConversionRecord:
+    with bounded_allocator():
+        return _run(job, method, out, started)
+
+
+def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float) -> ConversionRecord:
     settings, adapter, layout, src = job.settings, job.adapter, job.layout, job.src
     steps = method.default_refine_steps() if settings.refine_steps is None else settings.refine_steps
     runner, calibration = None, None
@@ -30,6 +39,7 @@ def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float
         ids, calibration = calibration_windows(src, settings.calib_data, settings.calib_samples, settings.calib_seq_len)
         runner = LayerwiseRunner(src, ids, device=settings.device, adapter=adapter)
     config = method.output_config(runner)
+    release_memory()  # after a pass over all layers (MLA's RoPE frequencies, the cache allocation)
     target_layers = None
     if runner:
         target = meta_model(config, adapter.model_kind)
@@ -47,13 +57,17 @@ def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float
             weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             layer = method.convert_layer(i, weights, cov, runner)
+            release_memory()  # the closed form's float64 temporaries
             if runner and steps:
                 layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, settings.refine_lr)
                 errors.append(round(err, 6))
+                release_memory()  # the refinement's activations and optimiser state
             if runner:
                 runner.advance(i, target_layers[i], {k: v.float() for k, v in {**layer.extra, **layer.attention}.items()},
                                call=layer.call)
             write_layer(job, i, layer, writer)
+            del layer, weights, cov
+            release_memory()
         method.finish(record)
         if errors:
             record.refinement = {"steps": steps, "lr": settings.refine_lr, "relative_output_error": errors}
@@ -124,6 +138,49 @@ def save(job: Job, method: ConversionMethod, config, record: ConversionRecord, t
         save_modeling_file(hosted, tmp)
     job.src.save_side_files(tmp)
     (tmp / RECORD_FILE).write_text(json.dumps(record.to_dict(), indent=2))
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # glibc, or None (macOS, musl): then the allocator is left as it is
+M_MMAP_THRESHOLD = -3  # mallopt parameter
+MMAP_THRESHOLD = 1024**2  # while converting: every block of 1 MiB or more is its own mapping
+DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
+
+
+@contextlib.contextmanager
+def bounded_allocator():
+    """Large blocks go straight back to the OS when freed, for the duration of a conversion.
+
+    glibc serves blocks above a threshold by mmap, but raises the threshold (up to 32 MiB) each time
+    such a block is freed; later blocks of that size then come from its heap arenas, which fragment
+    and keep freed memory. Layer after layer, a calibrated conversion's anonymous memory grew by its
+    refinement working set: a 1.1B Llama -> MLA peaked at 3.7-4.3 GiB. A fixed 1 MiB threshold kept
+    a 3-layer model of that width at 600-640 MiB after every step (2.0 GiB of growth without), for
+    about 7% more time. Afterwards the threshold is set back to glibc's initial value."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if _LIBC is not None:
+            _LIBC.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+
+
+def release_memory() -> None:
+    """Hand memory freed by the last step (float64 temporaries, refinement activations) back to
+    the OS: collect cycles, empty CUDA's cache, and trim glibc's heaps."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
