@@ -21,15 +21,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
 from convert_memory import measured  # noqa: E402
 
 from gqa_conversion import machine, machine_line, save_results  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {  # label -> kvslim convert arguments after SOURCE -o OUT
     "--to mqa --method mean (weight-only)": ["--to", "mqa", "--method", "mean"],
-    "--to mqa --method aware, 8 x 128 calibration tokens, closed form": [
-        "--to", "mqa", "--calib-samples", "8", "--calib-seq-len", "128", "--refine-steps", "0"],
+    "--to mqa --method aware, 8 x 128 calibration tokens (WikiText-2 validation), closed form": [
+        "--to", "mqa", "--calib-data", str(ROOT.parent / "shared" / "data" / "text" / "wikitext2_valid.tokens.txt"),
+        "--calib-samples", "8", "--calib-seq-len", "128", "--refine-steps", "0"],
 }
 
 

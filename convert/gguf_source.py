@@ -31,12 +31,15 @@ class GGUFTensorReader:
 
         from .meta import meta_model
 
-        self._file = GGUFReader(str(path))  # memory-mapped: no tensor data is read here
-        arch = gguf_architecture(self._file)
+        file = GGUFReader(str(path))  # memory-mapped: no tensor data is read here
+        arch = gguf_architecture(file)
         arch_id = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
         if arch_id is None:
             raise ConversionError(f"GGUF architecture '{arch}' is unknown to the installed gguf package.")
-        tensors = {t.name: t for t in self._file.tensors}
+        # only the tensors' views of the map are kept: the parsed metadata (the tokenizer's
+        # vocabulary as many small arrays, ~160 MB for SmolLM2) is let go
+        tensors = {t.name: t for t in file.tensors}
+        del file
         shapes = {name: tuple(t.shape) for name, t in meta_model(config, kind).state_dict().items()}
         if getattr(config, "tie_word_embeddings", False):
             shapes.pop("lm_head.weight", None)  # the output reuses the embedding
@@ -65,7 +68,9 @@ class GGUFTensorReader:
         from gguf.quants import dequantize
 
         tensor = self._where[name]
-        data = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy, off the map
+        data = dequantize(tensor.data, tensor.tensor_type)  # a new array, or (float32) a view of the map
+        if np.may_share_memory(data, tensor.data) or not data.flags.writeable or data.dtype != np.float32:
+            data = np.array(data, dtype=np.float32)  # off the (read-only) map
         out = torch.from_numpy(data).reshape(self._shapes[name])
         heads = self._heads.get(name)
         if heads:  # llama.cpp interleaved each head's two rotate-half halves; put them back
