@@ -129,11 +129,12 @@ def main() -> None:
                     micro_batch=spec["micro_batch"], tokens=args.tokens, eval_every=args.eval_every,
                     eval_rows=args.eval_rows, checkpoint_every=10**9, progress=False,
                     mixed_precision=args.mixed_precision)
-        # the source itself on the same rows (lr 0, no teacher)
+        # the source itself on the same rows: a run's first evaluation is before its first step
+        # (the recipe refuses lr 0; the one step it takes is not evaluated)
         s = child(UPTRAIN_CHILD, "continued_pretraining",
-                  json.dumps({**base, "model": model, "teacher": None, "tokens": 1, "lr": 0.0,
+                  json.dumps({**base, "model": model, "teacher": None, "tokens": 1, "lr": 1e-12,
                               "output": str(Path(tmp) / "source-0")}))
-        source_eval = s["evaluations"][-1]["eval_ppl"]
+        source_eval = s["evaluations"][0]["eval_ppl"]
         conversions = [c for c in args.conversions.split(",") if c]
         # earlier runs of other conversions or recipes of the same model are kept beside this run's
         curves = []

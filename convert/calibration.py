@@ -134,6 +134,13 @@ class LayerwiseRunner:
         # what the model gives each layer (masks, positions), and layer 0's input: the embeddings,
         # learned positions included, for every calibration batch
         self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
+        # only the capture needs the embeddings (250 MiB in float32 at 1.1B): their weights go back
+        # to the meta device; buffers (rotary frequencies) stay
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(self.base.named_parameters()):
+            if not name.startswith(adapter.layers_path[len(self.prefix):] + "."):
+                set_module_tensor_to_device(self.base, name, "meta")
 
     def _materialise(self, module: nn.Module, exclude: str | None = None, prefix: str | None = None,
                      overrides: dict[str, torch.Tensor] | None = None) -> None:
