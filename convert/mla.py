@@ -350,7 +350,7 @@ def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: st
     energy_q = query_energy(q, cov, re, im, None)
     dropped_cost = (1 - beta**2) * (energy_q * query_energy(k, cov, re, im, None)).sum(0)  # (F,)
     kept_cost = (1 - beta**2) * (energy_q * query_energy(from_complex(resid, re, im, hd), cov, re, im, None)).sum(0)
-    score = _score_energy(q, k, cov)
+    score = _energy(_query_roots(q, cov) @ k, cov)
     _, q_nope = nope_remainder(q, k, resid, beta, torch.arange(0), re, im)
     key_blocks = _query_roots(q_nope, cov) / math.sqrt(score)
     values = _value_rows(v, o, cov)
@@ -370,7 +370,8 @@ def latent_errors(q, k, v, o, cov) -> torch.Tensor:
     """`latent_rope_errors` without RoPE (GPT-2, OPT, BERT): err[r], r = 0 .. max rank, the relative
     score + output error a rank-r latent of [K; V] leaves."""
     nh, hd, D = k.shape
-    keys = _query_roots(q, cov) @ k / math.sqrt(_score_energy(q, k, cov))
+    keys = _query_roots(q, cov) @ k
+    keys = keys / math.sqrt(_energy(keys, cov))
     return _tail(torch.cat([keys, _value_rows(v, o, cov)]).reshape(2 * nh * hd, D), cov)
 
 
@@ -379,16 +380,16 @@ def _query_roots(q, cov) -> torch.Tensor:
     return torch.stack([sym_sqrt(qn @ cov @ qn.T)[0] for qn in q])
 
 
-def _score_energy(q, k, cov) -> float:
-    """Sum over heads of E[(q . k)^2], for query and key inputs drawn independently."""
-    weighted = _query_roots(q, cov) @ k
-    return float(torch.einsum("hid,de,hie->", weighted, cov, weighted).clamp(min=1e-30))
+def _energy(rows, cov) -> float:
+    """Sum of E[(row . [x, 1])^2] over `rows` (..., D): with keys weighted by `_query_roots`, the
+    heads' summed E[(q . k)^2] for query and key inputs drawn independently."""
+    return float(torch.einsum("hid,de,hie->", rows, cov, rows).clamp(min=1e-30))
 
 
 def _value_rows(v, o, cov) -> torch.Tensor:
     """Values weighted by each head's o_proj Gram, scaled to unit output energy."""
     values = torch.stack([sym_sqrt(oi.T @ oi)[0] for oi in o]) @ v
-    return values / math.sqrt(float(torch.einsum("hid,de,hie->", values, cov, values).clamp(min=1e-30)))
+    return values / math.sqrt(_energy(values, cov))
 
 
 def _tail(rows, cov) -> torch.Tensor:
