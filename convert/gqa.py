@@ -267,6 +267,8 @@ def convert_attention(
     d = weights.q_w.shape[1]
     f64 = torch.float64
 
+    if method == "mean":
+        return _mean_merge(weights, layout, kv_heads, order)
     q, k, v, o = (t[order].contiguous() for t in head_views(weights, layout))  # query heads regrouped
 
     if cov is None:
@@ -326,6 +328,35 @@ def convert_attention(
         v_b=None if weights.v_b is None else cast(v_aug[:, d]),
         o_w=cast(o_w),
     )
+
+
+def _mean_merge(weights: AttentionWeights, layout: AttentionLayout, kv_heads: int, order: torch.Tensor) -> AttentionWeights:
+    """The GQA paper's mean-pooling: each new KV head is the mean of its group's (virtual) KV heads.
+    Query and output weights only move with the regrouping, so they never leave their dtype: at 7B
+    the float64 views of every projection cost more than the merge itself."""
+    nh, hd = layout.num_heads, layout.head_dim
+    kv_of_head = torch.arange(nh) // layout.group_size  # the source KV head each query head reads
+    regrouped = not torch.equal(order, torch.arange(nh))
+
+    def pooled(w: torch.Tensor | None) -> torch.Tensor | None:
+        if w is None:
+            return None
+        heads = w.reshape(layout.num_kv_heads, hd, -1)[kv_of_head[order]].to(torch.float64)
+        members = heads.reshape(kv_heads, nh // kv_heads, hd, -1)
+        same = (members == members[:, :1]).all(dim=(1, 2, 3))  # exact copies stay bit-exact
+        merged = torch.where(same[:, None, None], members[:, 0], members.mean(1))
+        return merged.reshape(kv_heads * hd, *w.shape[1:]).to(w.dtype).contiguous()
+
+    def by_head(w: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+        if w is None or not regrouped:
+            return w
+        if dim == 0:
+            return w.reshape(nh, hd, *w.shape[1:])[order].reshape(w.shape).contiguous()
+        return w.reshape(w.shape[0], nh, hd)[:, order].reshape(w.shape).contiguous()
+
+    return replace(weights, q_w=by_head(weights.q_w, 0), q_b=by_head(weights.q_b, 0),
+                   k_w=pooled(weights.k_w), k_b=pooled(weights.k_b),
+                   v_w=pooled(weights.v_w), v_b=pooled(weights.v_b), o_w=by_head(weights.o_w, 1))
 
 
 def _opt64(t: torch.Tensor | None) -> torch.Tensor | None:

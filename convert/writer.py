@@ -120,50 +120,73 @@ SAFETENSORS_DTYPES = {
 }
 
 
+HEADER_RESERVE = 128 * 1024  # bytes kept for a shard's header: ~1,000 tensor entries
+
+
 class _ShardFile:
-    """One safetensors file written a tensor at a time: each tensor's bytes go to a data file as it
-    arrives, and the header (which safetensors puts first) is written when the shard is complete,
-    followed by the data copied over in chunks. Memory holds one tensor, not a shard."""
+    """One safetensors file written a tensor at a time, each byte once. safetensors puts the header
+    (names, shapes, offsets) first, before knowing which tensors follow, so the data goes after a
+    reserved region and the header is written into it when the shard is complete, padded with the
+    spaces the format allows. A header that outgrows the region, or a name added twice, is the
+    rare case that rewrites the file. Memory holds one tensor, not a shard."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data_path = path.with_name(path.name + ".data")
-        self.data = open(self.data_path, "wb")
+        self.file = open(path, "wb")
+        self.file.seek(8 + HEADER_RESERVE)
         self.entries: dict[str, dict] = {}
         self.nbytes = 0
+        self.duplicated = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self.data.write(memoryview(raw))
+        self.file.write(memoryview(raw))
         size = tensor.numel() * tensor.element_size()
+        self.duplicated |= name in self.entries
         self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.nbytes, self.nbytes + size]}
         self.nbytes += size
 
     def finish(self) -> None:
-        """Write the header, then the data of every entry. A name added twice keeps its last tensor
+        header = _header(self.entries)
+        if not self.duplicated and len(header) <= HEADER_RESERVE:
+            self.file.seek(0)
+            self.file.write(HEADER_RESERVE.to_bytes(8, "little"))
+            self.file.write(header + b" " * (HEADER_RESERVE - len(header)))
+            self.file.close()
+            return
+        self.file.close()
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        """The file again with a header of its own size. A name added twice keeps its last tensor
         (as a dict would); the bytes of the earlier one are left out, so the data has no holes."""
-        self.data.close()
         where, offset = {}, 0
         for name, entry in sorted(self.entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = entry["data_offsets"]
             where[name] = (start, end)
             entry["data_offsets"] = [offset, offset + end - start]
             offset += end - start
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+        header = _header(self.entries)
+        written = self.path.with_name(self.path.name + ".data")
+        self.path.rename(written)
+        with open(self.path, "wb") as out, open(written, "rb") as data:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
             for start, end in sorted(where.values()):
-                data.seek(start)
+                data.seek(8 + HEADER_RESERVE + start)
                 left = end - start
                 while left:
                     chunk = data.read(min(left, 64 * 1024**2))
                     out.write(chunk)
                     left -= len(chunk)
-        self.data_path.unlink()
+        written.unlink()
+
+
+def _header(entries: dict[str, dict]) -> bytes:
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8)  # the data starts 8-byte aligned
 
 
 class ShardedWriter:

@@ -61,10 +61,15 @@ def kvslim_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         out = out.reshape(b, heads, q_len, value.shape[-1])
     else:
+        v_dim = value.shape[-1]
+        if v_dim < query.shape[-1] and mask is None and query.device.type == "cpu":
+            # CPU's only fused kernel (flash) needs one head dim; MLA's values are narrower than
+            # its keys. Zero columns leave the first v_dim outputs exact, at ~half the math path's cost.
+            value = F.pad(value, (0, query.shape[-1] - v_dim))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
             is_causal=causal and mask is None, enable_gqa=groups > 1,
-        )
+        )[..., :v_dim]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -159,3 +159,26 @@ def test_a_name_written_twice_keeps_its_last_tensor(tmp_path):
     writer.close()
     got = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(got["a"], torch.full((4,), 7.0)) and torch.equal(got["b"], torch.ones(2))
+
+
+def test_a_shard_is_written_once_behind_its_reserved_header_and_rewritten_when_the_header_outgrows_it(
+        tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from kvslim.convert import writer as w
+
+    tensors = {f"layer.{i}.weight": torch.randn(3, 5) * i for i in range(40)}
+    for reserve, name in ((w.HEADER_RESERVE, "once"), (256, "rewritten")):  # 40 entries need ~2.8 KB
+        monkeypatch.setattr(w, "HEADER_RESERVE", reserve)
+        out = tmp_path / name
+        out.mkdir()
+        writer = w.ShardedWriter(out)
+        for k, t in tensors.items():
+            writer.add(k, t)
+        writer.close()
+        path = out / "model.safetensors"
+        header_len = int.from_bytes(path.read_bytes()[:8], "little")
+        assert (header_len == reserve) == (name == "once")
+        assert path.stat().st_size == 8 + header_len + 40 * 15 * 4 and not list(out.glob("*.data"))
+        got = load_file(str(path))
+        assert got.keys() == tensors.keys() and all(torch.equal(got[k], t) for k, t in tensors.items())
