@@ -61,7 +61,8 @@ def convert(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=f"Calibration sequences (default {DEFAULTS.calib_samples})."),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help=f"Tokens per calibration sequence (default {DEFAULTS.calib_seq_len})."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
-    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: 300, none for --method mean; 0: closed form only)."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: set by --quality, none for --method mean; 0: closed form only)."),
+    quality: Optional[str] = typer.Option(None, "--quality", help="Refinement effort: default (100 steps per layer) or max (300 steps: a few tenths of a percent of perplexity for 3x the refinement time)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
     kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
@@ -86,7 +87,7 @@ def convert(
     try:
         record = run(source, output, to=to, kv_heads=kv_heads, method=method, calib_data=calib_data,
                      calib_samples=calib_samples, calib_seq_len=calib_seq_len, regroup=regroup,
-                     refine_steps=refine_steps, dtype=dtype,
+                     refine_steps=refine_steps, quality=quality, dtype=dtype,
                      overwrite=overwrite, revision=revision, device=device,
                      max_shard_bytes=_parse_size(max_shard_size) if max_shard_size else None, kv_budget=kv_budget, kv_rank=kv_rank,
                      rope_dim=rope_dim, mla_init=mla_init, rope_strategy=rope_strategy, tokenizer=tokenizer,

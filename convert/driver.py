@@ -70,7 +70,9 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()
         method.finish(record)
         if errors:
-            record.refinement = {"steps": steps, "lr": settings.refine_lr, "relative_output_error": errors}
+            record.refinement = {"steps": steps, "lr": settings.refine_lr,
+                                 **({"quality": settings.quality} if settings.refine_steps is None else {}),
+                                 "relative_output_error": errors}
         writer.close()
         save(job, method, config, record, tmp, started)
     return record

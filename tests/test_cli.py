@@ -378,3 +378,20 @@ def test_binary_calibration_text_is_warned_about(src, tmp_path, caplog):
         r = run("convert", src, "-o", tmp_path / "out", "--to", "mqa", "--calib-data", noise, *FAST)
     assert r.exit_code == 0, r.output
     assert any("is mostly not text" in rec.getMessage() for rec in caplog.records)
+
+
+def test_quality_sets_the_default_refinement_and_is_recorded(src, tmp_path, text_file):
+    from kvslim.convert.refine import QUALITY_STEPS
+
+    calib = ["--calib-data", text_file, "--calib-samples", "8", "--calib-seq-len", "16"]
+    for quality in ("default", "max"):
+        out = tmp_path / quality
+        r = run("convert", src, "-o", out, "--to", "mqa", "--quality", quality, *calib)
+        assert r.exit_code == 0, r.output
+        refinement = json.loads((out / "kvslim_conversion.json").read_text())["refinement"]
+        assert refinement["steps"] == QUALITY_STEPS[quality] and refinement["quality"] == quality
+    assert QUALITY_STEPS["max"] > QUALITY_STEPS["default"] > 0
+    r = run("convert", src, "-o", tmp_path / "x", "--to", "mqa", "--refine-steps", "3", *calib)
+    assert "quality" not in json.loads((tmp_path / "x" / "kvslim_conversion.json").read_text())["refinement"]
+    assert_refused(run("convert", src, "-o", tmp_path / "bad", "--to", "mqa", "--quality", "best", *calib),
+                   "--quality 'best' is not one of default, max", out=tmp_path / "bad")

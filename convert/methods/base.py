@@ -16,7 +16,7 @@ import torch
 from ..adapters import AttentionAdapter, AttentionLayout
 from ..errors import ConversionError
 from ..records import ConversionRecord
-from ..refine import REFINE_LR
+from ..refine import QUALITY_STEPS, REFINE_LR
 from ..sources import CheckpointSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -39,8 +39,9 @@ class Settings:
     calib_data: str | None = None
     calib_samples: int = 128
     calib_seq_len: int = 512
-    refine_steps: int | None = None  # None: the method's default
+    refine_steps: int | None = None  # None: the method's default at `quality`
     refine_lr: float = REFINE_LR
+    quality: str = "default"  # refinement steps of a calibrated method: default or max
     dtype: str | None = None
     overwrite: bool = False
     revision: str | None = None
@@ -54,6 +55,9 @@ class Settings:
             raise ConversionError("--calib-samples must be >= 1 and --calib-seq-len >= 2.")
         if self.refine_steps is not None and self.refine_steps < 0:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
+        if self.quality not in QUALITY_STEPS:
+            raise ConversionError(f"--quality {self.quality!r} is not one of {', '.join(QUALITY_STEPS)} "
+                                  f"({', '.join(f'{k}: {v} refinement steps' for k, v in QUALITY_STEPS.items())}).")
         parse_dtype(self.dtype)
 
     @property
@@ -131,7 +135,8 @@ class ConversionMethod:
         return True
 
     def default_refine_steps(self) -> int:
-        raise NotImplementedError
+        """Refinement steps when --refine-steps is not given."""
+        return QUALITY_STEPS[self.job.settings.quality]
 
     def output_config(self, runner):
         """The converted model's config (`runner`: the calibration runner, None when uncalibrated)."""

@@ -12,7 +12,6 @@ from ..errors import ConversionError
 from ..formatting import plural
 from ..gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from ..records import HeadMergeRecord, kv_bytes_per_token
-from ..refine import REFINE_STEPS
 from .base import ConversionMethod, LayerOutput
 
 
@@ -51,10 +50,8 @@ class HeadMerge(ConversionMethod):
         return self.options.method == "aware" and self.merging
 
     def default_refine_steps(self) -> int:
-        """Measured (benchmarks/results): 300 steps at lr 3e-2 against 100 at 1e-2, llama-mha-gutenberg
-        8 -> 1 KV heads: +9.7% -> +2.6% perplexity; all-MiniLM-L6-v2 12 -> 4: mean cosine 0.942 at 100
-        steps, 0.955 at 300. Mean-pooling is the paper's baseline and is left as is."""
-        return 0 if self.options.method == "mean" else REFINE_STEPS
+        """Mean-pooling is the paper's baseline and is left as is."""
+        return 0 if self.options.method == "mean" else super().default_refine_steps()
 
     def output_config(self, runner):
         return self.job.adapter.target_config(self.job.src.config, self.kv_heads)

@@ -41,7 +41,6 @@ from ..mla import (
     shared_rope_key,
 )
 from ..records import DEEPSEEK, LATENT, LATENT_ROPE, MLADetails, MLARecord, kv_bytes_per_token, span
-from ..refine import REFINE_STEPS
 from .base import ConversionMethod, LayerOutput
 
 # DeepseekV3 tensors that implement the latent-norm anchors: the refinement leaves them alone.
@@ -112,9 +111,6 @@ class MLAOptions:
 class _MLA(ConversionMethod):
     targets = ("mla",)
     Options = MLAOptions
-
-    def default_refine_steps(self) -> int:
-        return REFINE_STEPS
 
     def _record(self, common: dict, details: MLADetails) -> MLARecord:
         layout = self.job.layout
