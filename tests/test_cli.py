@@ -240,7 +240,7 @@ def test_disk_full_leaves_nothing_behind(src, tmp_path, monkeypatch):
     from kvslim.convert import writer
 
     def full_disk(shard, name, tensor):  # the disk fills up while a shard is being written
-        shard.data.write(b"partial")
+        shard.file.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer._ShardFile, "add", full_disk)
