@@ -233,6 +233,7 @@ def merge_keys_free(
 
 
 def _identical(members: torch.Tensor) -> bool:
+    """All of a group's members are the same tensor: their merge is that tensor, bit-exact."""
     return bool((members == members[:1]).all())
 
 
@@ -281,7 +282,7 @@ def convert_attention(
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
     if q_norm is not None and len(free):
         raise ConversionError("q/k-norm models with un-rotated head dims are not supported.")
-    energy = query_energy(q, cov, re, im, q_norm) if method == "aware" else None
+    energy = query_energy(q, cov, re, im, q_norm)
 
     size = nh // kv_heads
     new_k, new_v = [], []
@@ -290,9 +291,6 @@ def convert_attention(
         if _identical(k[sl]) and _identical(v[sl]):
             new_k.append(k[sl][0])
             new_v.append(v[sl][0])
-        elif method == "mean":
-            new_k.append(k[sl].mean(0))
-            new_v.append(v[sl].mean(0))
         else:
             shared_k = torch.zeros_like(k[sl][0])
             if len(re):
@@ -343,8 +341,7 @@ def _mean_merge(weights: AttentionWeights, layout: AttentionLayout, kv_heads: in
             return None
         heads = w.reshape(layout.num_kv_heads, hd, -1)[kv_of_head[order]].to(torch.float64)
         members = heads.reshape(kv_heads, nh // kv_heads, hd, -1)
-        same = (members == members[:, :1]).all(dim=(1, 2, 3))  # exact copies stay bit-exact
-        merged = torch.where(same[:, None, None], members[:, 0], members.mean(1))
+        merged = torch.stack([m[0] if _identical(m) else m.mean(0) for m in members])
         return merged.reshape(kv_heads * hd, *w.shape[1:]).to(w.dtype).contiguous()
 
     def by_head(w: torch.Tensor | None, dim: int) -> torch.Tensor | None:
