@@ -32,6 +32,8 @@ SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
     "1b": (16, 2048, 5632, 32, 32, 32000),
     "7b": (32, 4096, 11008, 32, 32, 32000),
     "7b-4layers": (4, 4096, 11008, 32, 32, 32000),  # 7B's layer shape: what bounds a layerwise conversion
+    "7b-2layers": (2, 4096, 11008, 32, 32, 32000),
+    "1b-2layers": (2, 2048, 5632, 32, 32, 32000),
 }
 
 

@@ -201,14 +201,18 @@ class LayerwiseRunner:
 
     @contextlib.contextmanager
     def loaded_layer(self, index: int, layer: nn.Module | None = None,
-                     overrides: dict[str, torch.Tensor] | None = None):
-        """Materialise layer `index` (optionally a different module, e.g. the converted layer)."""
+                     overrides: dict[str, torch.Tensor] | None = None, submodule: str = ""):
+        """Materialise layer `index` (optionally a different module, e.g. the converted layer), or
+        only its `submodule` (e.g. the attention: refinement needs no MLP weights, 1 GiB in float32
+        for the source and the converted layer at 7B). Yields the materialised module."""
         layer = self.layers[index] if layer is None else layer
-        self._materialise(layer, prefix=self.layer_prefix(index), overrides=overrides)
+        module = layer.get_submodule(submodule)
+        prefix = self.layer_prefix(index) + (f"{submodule}." if submodule else "")
+        self._materialise(module, prefix=prefix, overrides=overrides)
         try:
-            yield layer
+            yield module
         finally:
-            layer.to("meta")
+            module.to("meta")
 
     def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor, call: dict | None = None) -> torch.Tensor:
         out = layer(hidden, **_without_cache(self.layer_kwargs[index] if call is None else call))
