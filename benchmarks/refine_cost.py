@@ -10,7 +10,8 @@ refinement (from the conversion record).
         --other /path/containing/kvslim   # a directory holding a `kvslim` checkout (PYTHONPATH)
     python benchmarks/refine_cost.py --to gqa --kv-heads 2 ...
 
-A row's steps may be null: the default of that checkout. Each row's time is also given as a ratio
+A row's steps may be null: the default of that checkout. A third element of a row holds other
+convert options of that row (e.g. `[120, "this", {"refine_lr": 0.03}]`). Each row's time is also given as a ratio
 to the same code's closed form (a 0-step row of that code, when the run has one).
 """
 
@@ -32,15 +33,17 @@ def run(rows: list, target: dict, other: str | None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = gutenberg_spec(work)
-        for steps, code in rows:
+        for steps, code, *options in rows:
             os.environ["PYTHONPATH"] = other if code == "other" else ""
+            extra = options[0] if options else {}  # other convert options of this row, e.g. {"refine_lr": 0.03}
             args = dict(source=spec["source"], output=str(work / "out"), **target,
                         calib_data=spec["calib"], calib_samples=spec["calib_samples"],
-                        calib_seq_len=spec["calib_seq_len"], refine_steps=steps)
+                        calib_seq_len=spec["calib_seq_len"], refine_steps=steps, **extra)
             conv = child(CONVERT_CHILD, json.dumps(args))
             ev = child(EVAL_CHILD, str(work / "out"), json.dumps(spec["eval_files"]), str(spec["window"]))
             refinement = conv["record"].get("refinement") or {}
-            row = dict(code=code, steps=refinement.get("steps", steps or 0), perplexity=round(ev["perplexity"], 3),
+            row = dict(code=code, steps=refinement.get("steps", steps or 0), lr=refinement.get("lr"),
+                       perplexity=round(ev["perplexity"], 3),
                        seconds=round(conv["seconds"], 1), layer_error=refinement.get("relative_output_error"))
             out.append(row)
             print(json.dumps(row), flush=True)
@@ -58,12 +61,13 @@ def markdown(r: dict) -> str:
     lines = [f"# Refinement: cost and quality by steps (llama-mha-gutenberg -> {what}, no training)", "",
              "Held-out perplexity (first 8,192 tokens, 256-token windows); "
              f"'other' is `{r['other']}` ({r['other_note']}). {r['note']}", "",
-             "| code | refine steps | perplexity | conversion s | x closed form | per-layer output error after refinement |",
-             "|---|---|---|---|---|---|"]
+             "| code | refine steps | lr | perplexity | conversion s | x closed form | per-layer output error after refinement |",
+             "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         err = " ".join(f"{e:.4f}" for e in row["layer_error"]) if row["layer_error"] else "-"
         ratio = "-" if row.get("x_closed_form") is None else f"{row['x_closed_form']:.2f}"
-        lines.append(f"| {row['code']} | {row['steps']} | {row['perplexity']:.3f} | {row['seconds']:.1f} | {ratio} | {err} |")
+        lr = "-" if row.get("lr") is None else f"{row['lr']:g}"
+        lines.append(f"| {row['code']} | {row['steps']} | {lr} | {row['perplexity']:.3f} | {row['seconds']:.1f} | {ratio} | {err} |")
     return "\n".join(lines + ["", machine_line(r["machine"]), ""])
 
 

@@ -34,6 +34,7 @@ def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float
 def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float) -> ConversionRecord:
     settings, adapter, layout, src = job.settings, job.adapter, job.layout, job.src
     steps = method.default_refine_steps() if settings.refine_steps is None else settings.refine_steps
+    lr = method.default_refine_lr() if settings.refine_lr is None else settings.refine_lr
     runner, calibration = None, None
     if method.calibrates():
         ids, calibration = calibration_windows(src, settings.calib_data, settings.calib_samples, settings.calib_seq_len)
@@ -60,8 +61,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()  # the closed form's float64 temporaries
             if runner and steps:
                 with mmap_threshold(REFINE_MMAP_THRESHOLD):
-                    layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps,
-                                                        settings.refine_lr)
+                    layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, lr)
                 errors.append(round(err, 6))
                 release_memory()  # the refinement's activations and optimiser state
             if runner:
@@ -72,7 +72,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()
         method.finish(record)
         if errors:
-            record.refinement = {"steps": steps, "lr": settings.refine_lr,
+            record.refinement = {"steps": steps, "lr": lr,
                                  **({"quality": settings.quality} if settings.refine_steps is None else {}),
                                  "relative_output_error": errors}
         writer.close()

@@ -242,13 +242,14 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
         blocks = inverse = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
     basis_cov = torch.eye(D, dtype=f64) if init == "svd" else cov
     weighted = blocks @ stack  # (2 nh, hd, D)
+    del stack  # (at 7B each of these float64 stacks is 268 MB; the peak is what bounds a conversion)
     if init != "svd":
         ek = torch.einsum("rd,de,re->", weighted[:nh].reshape(-1, D), cov, weighted[:nh].reshape(-1, D))
         ev = torch.einsum("rd,de,re->", weighted[nh:].reshape(-1, D), cov, weighted[nh:].reshape(-1, D))
         # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
         scale = torch.ones(2 * nh, 1, 1, dtype=f64)
         scale[:nh] = (ev / ek.clamp(min=1e-12 * ev)).sqrt()
-        weighted, inverse = weighted * scale, inverse / scale  # one scalar per key block
+        weighted, inverse = weighted.mul_(scale), inverse / scale  # one scalar per key block
     weighted = weighted.reshape(2 * nh * hd, D)
     top = principal_directions(weighted, basis_cov, rank)  # (2 nh hd, r)
     up = (inverse @ top.reshape(2 * nh, hd, rank)).reshape(2 * nh * hd, rank)
@@ -269,7 +270,7 @@ def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch
             vals, vecs = torch.linalg.eigh(b.T @ b)
             vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
             if rank <= D and float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: solve as is
-                return (b @ vecs) / vals.sqrt()
+                return (b @ vecs).div_(vals.sqrt())
     _, vecs = torch.linalg.eigh(w @ cov @ w.T)
     return vecs[:, -rank:].flip(-1)
 

@@ -182,3 +182,19 @@ def test_a_shard_is_written_once_behind_its_reserved_header_and_rewritten_when_t
         assert path.stat().st_size == 8 + header_len + 40 * 15 * 4 and not list(out.glob("*.data"))
         got = load_file(str(path))
         assert got.keys() == tensors.keys() and all(torch.equal(got[k], t) for k, t in tensors.items())
+
+
+def test_refinement_step_size_defaults_by_method_and_is_recorded(save_model, tmp_path, text_file):
+    from kvslim.convert.refine import REFINE_LR, REFINE_LR_HEAD_MERGE
+
+    src = save_model(make_model("llama", 4, 4, seed=2))
+    calib = dict(calib_data=str(text_file), **{**CALIB, "refine_steps": 2})
+    for name, kwargs, lr in [("merged", dict(to="mqa"), REFINE_LR_HEAD_MERGE),
+                             ("latent", dict(to="mla", kv_budget=0.5), REFINE_LR),
+                             ("given", dict(to="mqa", refine_lr=1e-3), 1e-3)]:
+        record = kvslim.convert(str(src), tmp_path / name, **kwargs, **calib).to_dict()
+        assert record["refinement"]["lr"] == lr, name
+    assert REFINE_LR_HEAD_MERGE != REFINE_LR
+    with pytest.raises(kvslim.ConversionError, match="refine_lr 0 must be a positive step size"):
+        kvslim.convert(str(src), tmp_path / "bad", to="mqa", refine_lr=0, **calib)
+    assert not (tmp_path / "bad").exists()

@@ -40,7 +40,7 @@ class Settings:
     calib_samples: int = 128
     calib_seq_len: int = 512
     refine_steps: int | None = None  # None: the method's default at `quality`
-    refine_lr: float = REFINE_LR
+    refine_lr: float | None = None  # None: the method's default
     quality: str = "default"  # refinement steps of a calibrated method: default or max
     dtype: str | None = None
     overwrite: bool = False
@@ -53,6 +53,9 @@ class Settings:
     def __post_init__(self):
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise ConversionError("--calib-samples must be >= 1 and --calib-seq-len >= 2.")
+        if self.refine_lr is not None and not self.refine_lr > 0:
+            raise ConversionError(f"refine_lr {self.refine_lr} must be a positive step size (the default is "
+                                  f"{REFINE_LR:g} for MLA).")
         if self.refine_steps is not None and self.refine_steps < 0:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
         if self.quality not in QUALITY_STEPS:
@@ -137,6 +140,10 @@ class ConversionMethod:
     def default_refine_steps(self) -> int:
         """Refinement steps when --refine-steps is not given."""
         return QUALITY_STEPS[self.job.settings.quality]
+
+    def default_refine_lr(self) -> float:
+        """Refinement step size when none is given."""
+        return REFINE_LR
 
     def output_config(self, runner):
         """The converted model's config (`runner`: the calibration runner, None when uncalibrated)."""

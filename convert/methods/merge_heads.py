@@ -12,6 +12,7 @@ from ..errors import ConversionError
 from ..formatting import plural
 from ..gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from ..records import HeadMergeRecord, kv_bytes_per_token
+from ..refine import REFINE_LR_HEAD_MERGE
 from .base import ConversionMethod, LayerOutput
 
 
@@ -52,6 +53,9 @@ class HeadMerge(ConversionMethod):
     def default_refine_steps(self) -> int:
         """Mean-pooling is the paper's baseline and is left as is."""
         return 0 if self.options.method == "mean" else super().default_refine_steps()
+
+    def default_refine_lr(self) -> float:
+        return REFINE_LR_HEAD_MERGE
 
     def output_config(self, runner):
         return self.job.adapter.target_config(self.job.src.config, self.kv_heads)
