@@ -263,16 +263,33 @@ def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch
     problem: with cov = L L^T and B = w L, they are B v / |B v| for the top eigenvectors v of B^T B,
     an eigendecomposition of a quarter of the size (an eighth of the work)."""
     n, D = w.shape
-    if n > D:
-        chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) == 0:
+    if n > D and rank <= D:
+        for ridge in (0.0, RIDGE):
+            chol = input_root(cov, ridge)
+            if chol is None:
+                continue
             b = w @ chol
             vals, vecs = torch.linalg.eigh(b.T @ b)
             vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
-            if rank <= D and float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: solve as is
+            if float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: ridge it, or solve as is
                 return (b @ vecs).div_(vals.sqrt())
     _, vecs = torch.linalg.eigh(w @ cov @ w.T)
     return vecs[:, -rank:].flip(-1)
+
+
+# Fewer calibration tokens than input dims (8 x 128 tokens at hidden 4096) leave the input moment
+# singular, and a latent rank beyond its rank has no data to choose its last directions. The n x n
+# problem would choose them arbitrarily, at (2 x hidden)^2 float64 (537 MB at 7B, several times that in
+# eigh's workspace); a ridge of 1e-4 x the mean variance chooses them by weight energy, in the D x D problem.
+RIDGE = 1e-4
+
+
+def input_root(cov: torch.Tensor, ridge: float = 0.0) -> torch.Tensor | None:
+    """L with L L^T = cov + ridge x mean(diag cov) x I, or None where that is not positive definite."""
+    if ridge:
+        cov = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    return None if int(info) else chol
 
 
 @dataclass
@@ -321,9 +338,11 @@ def nope_remainder(q, k, resid, beta, kept, re, im) -> tuple[torch.Tensor, torch
 
 
 def gram_eigenvalues(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of w @ cov @ w.T (w: (n, D)), largest first, from the smaller of the two Grams."""
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info):
+    """Eigenvalues of w @ cov @ w.T (w: (n, D)), largest first, from the smaller of the two Grams (a
+    singular cov is ridged as in `principal_directions`: the estimate moves by ~1e-4 of the spectrum)."""
+    chol = input_root(cov)
+    chol = input_root(cov, RIDGE) if chol is None else chol
+    if chol is None:
         return torch.linalg.eigvalsh(w @ cov @ w.T).flip(-1).clamp(min=0)
     b = w @ chol
     vals = torch.linalg.eigvalsh(b.T @ b if b.shape[0] > b.shape[1] else b @ b.T).flip(-1).clamp(min=0)

@@ -154,3 +154,30 @@ def test_principal_directions_solve_the_smaller_problem_without_changing_the_sub
     assert torch.allclose(got.T @ got, torch.eye(rank, dtype=torch.float64), atol=1e-8)  # orthonormal
     top = min(rank, 15) if deficient else rank  # the directions with energy: the same subspace
     assert torch.allclose(got[:, :top] @ got[:, :top].T, want[:, -top:] @ want[:, -top:].T, atol=1e-8)
+
+
+def test_principal_directions_with_a_singular_input_moment_stay_in_the_smaller_problem(monkeypatch):
+    """Fewer calibration tokens than input dims (8 x 128 at hidden 4096): the moment is singular and the
+    asked rank exceeds its rank. The directions with data are the exact problem's (to the ridge's 1e-4);
+    the rest are still orthonormal, and the (rows x rows) problem is never formed."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols, tokens, rank = 96, 33, 20, 25
+    w = torch.randn(rows, cols, dtype=torch.float64, generator=g)
+    x = torch.randn(tokens, cols, dtype=torch.float64, generator=g)
+    cov = x.T @ x / tokens  # rank 20
+    _, vecs = torch.linalg.eigh(w @ cov @ w.T)
+    want = vecs[:, -tokens:]
+    eigh = torch.linalg.eigh
+
+    def small_only(m):
+        assert m.shape[0] <= cols, "the rows x rows problem was formed"
+        return eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", small_only)
+    got = principal_directions(w, cov, rank)
+    monkeypatch.undo()
+    assert got.shape == (rows, rank)
+    assert torch.allclose(got.T @ got, torch.eye(rank, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(got[:, :tokens] @ got[:, :tokens].T, want @ want.T, atol=1e-3)
+    energy = torch.einsum("nr,nd,de,me,mr->", got, w, cov, w, got)
+    assert torch.isclose(energy, torch.linalg.eigvalsh(w @ cov @ w.T)[-tokens:].sum(), rtol=1e-6)
