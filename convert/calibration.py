@@ -153,7 +153,9 @@ class LayerwiseRunner:
                 continue
             key = prefix + name
             value = overrides[key] if key in overrides else self._weight(key)
-            set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32))
+            # always a copy: refinement updates the loaded weights in place, and neither the caller's
+            # tensors nor cached checkpoint weights may change with them
+            set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32, copy=True))
         for name, _ in list(module.named_buffers()):  # e.g. the kept RoPE pairs of a hosted MLA layer
             if prefix + name in overrides:
                 set_module_tensor_to_device(module, name, self.device, value=overrides[prefix + name])

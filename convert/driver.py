@@ -22,7 +22,7 @@ from .calibration import LayerwiseRunner, calibration_windows
 from .meta import meta_model
 from .methods import ConversionMethod, Job
 from .records import RECORD_FILE, ConversionRecord, kv_bytes_per_token
-from .refine import refine_attention
+from .refine import refine_attention, source_outputs
 from .writer import AtomicDirectory, ShardedWriter
 
 
@@ -108,14 +108,22 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     adapter = job.adapter
     inputs, call = runner.attention_inputs(index, adapter.attention_module)
     target_call = None if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
-    f32 = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
     attention = adapter.attention_module
-    with (runner.loaded_layer(index, submodule=attention) as source,
-          runner.loaded_layer(index, target_layer, f32, submodule=attention) as target):
-        err = refine_attention(target, source, inputs, call, steps, lr, target_call=target_call, frozen=layer.frozen)
-        prefix = f"{runner.layer_prefix(index)}{attention}."
-        fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
-                  for n, p in target.named_parameters()}
+
+    closed_form = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
+
+    prefix = f"{runner.layer_prefix(index)}{attention}."
+    with runner.loaded_layer(index, submodule=attention) as source:
+        wanted = source_outputs(source, inputs, call)
+    with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
+        err, improved = refine_attention(target, wanted, inputs, call if target_call is None else target_call,
+                                         steps, lr, frozen=layer.frozen)
+        if improved:
+            fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
+                      for n, p in target.named_parameters()}
+    if not improved:  # the closed form, loaded again as it was
+        with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
+            fitted = {prefix + n: p.detach().cpu().clone() for n, p in target.named_parameters()}
     dtype = next(v.dtype for v in layer.attention.values() if v.is_floating_point())
     return {**layer.attention, **{k: v.to(dtype) for k, v in fitted.items()}}, err
 

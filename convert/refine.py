@@ -51,25 +51,30 @@ REFINE_DECAY = 0.3
 REFINE_TOKENS = 2048
 
 
-def refine_attention(
-    target: nn.Module, source: nn.Module, inputs: list[torch.Tensor], call: dict,
-    steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
-    target_call: dict | None = None, frozen: tuple[str, ...] = (),
-) -> float:
-    """Adam on the relative output error of `target` (trainable) against `source` (frozen).
+@torch.no_grad()
+def source_outputs(source: nn.Module, inputs: list[torch.Tensor], call: dict) -> list[torch.Tensor]:
+    """What refinement fits: the source attention's output on each calibration batch (computed
+    first, so that the source's weights can go before the steps: 256 MiB in float32 at 7B)."""
+    return [_attention_out(source, x, call) for x in inputs]
 
-    Returns the relative error after fitting, measured on all calibration batches.
-    `target_call` replaces `call` for the target when its arguments differ (MLA's own RoPE);
-    parameters whose names start with one of `frozen` keep their values.
+
+def refine_attention(
+    target: nn.Module, wanted: list[torch.Tensor], inputs: list[torch.Tensor], call: dict,
+    steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
+    frozen: tuple[str, ...] = (),
+) -> tuple[float, bool]:
+    """Adam on the relative output error of `target` (trainable, called with `call`) against the
+    source's outputs `wanted` (`source_outputs`) on the same inputs.
+
+    Returns (relative error measured on all calibration batches, improved). When the fit is no
+    better than the closed form (e.g. an exact one), the error is the closed form's and the caller
+    keeps the closed form: the target's weights are not copied beforehand, for memory.
+    Parameters whose names start with one of `frozen` keep their values.
     """
-    tcall = call if target_call is None else target_call
-    with torch.no_grad():
-        wanted = [_attention_out(source, x, call) for x in inputs]
     scale = sum(w.pow(2).mean() for w in wanted) / len(wanted)
     params = [p for n, p in target.named_parameters() if not n.startswith(frozen)]
-    initial = [p.detach().clone() for p in params]
     with torch.no_grad():
-        before = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
+        before = sum((_attention_out(target, x, call) - w).pow(2).mean() for x, w in zip(inputs, wanted))
     for p in params:
         p.requires_grad_(True)
     # Step sizes relative to each tensor's scale: biases, norms and projections differ by orders.
@@ -80,7 +85,7 @@ def refine_attention(
     for _ in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
         b = int(torch.randint(len(inputs), (), generator=gen))
         rows = torch.randperm(inputs[b].shape[0], generator=gen)[:max(1, batch_tokens // inputs[b].shape[1])]
-        sub = _rows(tcall, rows, inputs[b].shape[0])
+        sub = _rows(call, rows, inputs[b].shape[0])
         loss = (_attention_out(target, inputs[b][rows], sub) - wanted[b][rows]).pow(2).mean() / scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,9 +94,6 @@ def refine_attention(
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():
-        err = sum((_attention_out(target, x, tcall) - w).pow(2).mean() for x, w in zip(inputs, wanted))
-        if err >= before:  # never leave a layer worse than the closed form (e.g. an exact one)
-            for p, p0 in zip(params, initial):
-                p.copy_(p0)
-            err = before
-    return float(err / len(inputs) / scale)
+        err = sum((_attention_out(target, x, call) - w).pow(2).mean() for x, w in zip(inputs, wanted))
+    improved = bool(err < before)  # never leave a layer worse than the closed form
+    return float((err if improved else before) / len(inputs) / scale), improved

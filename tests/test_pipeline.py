@@ -198,3 +198,18 @@ def test_refinement_step_size_defaults_by_method_and_is_recorded(save_model, tmp
     with pytest.raises(kvslim.ConversionError, match="refine_lr 0 must be a positive step size"):
         kvslim.convert(str(src), tmp_path / "bad", to="mqa", refine_lr=0, **calib)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_refinement_that_does_not_help_leaves_the_closed_form_bit_for_bit(save_model, tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    src = save_model(make_model("llama", 4, 4, seed=2))
+    for name, extra in [("closed", dict(refine_steps=0)), ("diverged", dict(refine_steps=3, refine_lr=1e4))]:
+        kvslim.convert(str(src), tmp_path / name, to="mla", kv_budget=0.5, calib_data=str(text_file),
+                       **{**CALIB, **extra})
+    closed, diverged = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("closed", "diverged"))
+    assert closed.keys() == diverged.keys()
+    for key in closed:
+        assert torch.equal(closed[key], diverged[key]), key
+    record = json.loads((tmp_path / "diverged" / RECORD_FILE).read_text())
+    assert len(record["refinement"]["relative_output_error"]) == 2
