@@ -257,7 +257,8 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
 
 
 def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-`rank` eigenvectors of w @ cov @ w.T (w: (n, D)), largest first.
+    """The top-`rank` eigenvectors of w @ cov @ w.T (w: (n, D)), largest first (zero columns past the
+    rank of a singular cov, see RIDGE).
 
     With more rows than columns (MHA: 2 nh hd = 2 x hidden), the same vectors come from the D x D
     problem: with cov = L L^T and B = w L, they are B v / |B v| for the top eigenvectors v of B^T B,
@@ -272,15 +273,21 @@ def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch
             vals, vecs = torch.linalg.eigh(b.T @ b)
             vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
             if float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: ridge it, or solve as is
-                return (b @ vecs).div_(vals.sqrt())
+                top = (b @ vecs).div_(vals.sqrt())
+                if ridge:  # directions the ridge chose rather than the data carry nothing: latent rows of 0
+                    proj = top.T @ w
+                    energy = torch.einsum("rd,de,re->r", proj, cov, proj)
+                    top[:, energy < ridge * cov.diagonal().mean() * proj.pow(2).sum(1)] = 0
+                return top
     _, vecs = torch.linalg.eigh(w @ cov @ w.T)
     return vecs[:, -rank:].flip(-1)
 
 
 # Fewer calibration tokens than input dims (8 x 128 tokens at hidden 4096) leave the input moment
-# singular, and a latent rank beyond its rank has no data to choose its last directions. The n x n
-# problem would choose them arbitrarily, at (2 x hidden)^2 float64 (537 MB at 7B, several times that in
-# eigh's workspace); a ridge of 1e-4 x the mean variance chooses them by weight energy, in the D x D problem.
+# singular, and a latent rank beyond its rank has no data for its last directions. The n x n problem
+# costs (2 x hidden)^2 float64 (537 MB at 7B, several times that in eigh's workspace); a ridge of 1e-4 x
+# the mean variance keeps the D x D problem, and the directions without data are left zero (latent
+# rows that are always 0, as the n x n route's null directions nearly were).
 RIDGE = 1e-4
 
 

@@ -158,8 +158,8 @@ def test_principal_directions_solve_the_smaller_problem_without_changing_the_sub
 
 def test_principal_directions_with_a_singular_input_moment_stay_in_the_smaller_problem(monkeypatch):
     """Fewer calibration tokens than input dims (8 x 128 at hidden 4096): the moment is singular and the
-    asked rank exceeds its rank. The directions with data are the exact problem's (to the ridge's 1e-4);
-    the rest are still orthonormal, and the (rows x rows) problem is never formed."""
+    asked rank exceeds its rank. The directions with data are the exact problem's (to the ridge's 1e-4),
+    the rest are zero, and the (rows x rows) problem is never formed."""
     g = torch.Generator().manual_seed(1)
     rows, cols, tokens, rank = 96, 33, 20, 25
     w = torch.randn(rows, cols, dtype=torch.float64, generator=g)
@@ -177,7 +177,8 @@ def test_principal_directions_with_a_singular_input_moment_stay_in_the_smaller_p
     got = principal_directions(w, cov, rank)
     monkeypatch.undo()
     assert got.shape == (rows, rank)
-    assert torch.allclose(got.T @ got, torch.eye(rank, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(got[:, :tokens].T @ got[:, :tokens], torch.eye(tokens, dtype=torch.float64), atol=1e-8)
+    assert not got[:, tokens:].any()  # no data reaches these: their latent rows stay zero
     assert torch.allclose(got[:, :tokens] @ got[:, :tokens].T, want @ want.T, atol=1e-3)
     energy = torch.einsum("nr,nd,de,me,mr->", got, w, cov, w, got)
     assert torch.isclose(energy, torch.linalg.eigvalsh(w @ cov @ w.T)[-tokens:].sum(), rtol=1e-6)
