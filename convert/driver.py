@@ -105,25 +105,23 @@ def fused_attention(model):
 
 def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float):
     """Fit the converted attention to the source layer's outputs on the calibration inputs."""
-    adapter = job.adapter
-    inputs, call = runner.attention_inputs(index, adapter.attention_module)
-    target_call = None if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
-    attention = adapter.attention_module
-
+    attention = job.adapter.attention_module
+    inputs, call = runner.attention_inputs(index, attention)
+    target_call = call if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
     closed_form = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
-
     prefix = f"{runner.layer_prefix(index)}{attention}."
+
+    def weights(module):  # the refined layer ran on the calibration device
+        return {prefix + n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+
     with runner.loaded_layer(index, submodule=attention) as source:
         wanted = source_outputs(source, inputs, call)
     with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
-        err, improved = refine_attention(target, wanted, inputs, call if target_call is None else target_call,
-                                         steps, lr, frozen=layer.frozen)
-        if improved:
-            fitted = {prefix + n: p.detach().cpu().clone()  # the refined layer ran on the calibration device
-                      for n, p in target.named_parameters()}
+        err, improved = refine_attention(target, wanted, inputs, target_call, steps, lr, frozen=layer.frozen)
+        fitted = weights(target) if improved else None
     if not improved:  # the closed form, loaded again as it was
         with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
-            fitted = {prefix + n: p.detach().cpu().clone() for n, p in target.named_parameters()}
+            fitted = weights(target)
     dtype = next(v.dtype for v in layer.attention.values() if v.is_floating_point())
     return {**layer.attention, **{k: v.to(dtype) for k, v in fitted.items()}}, err
 

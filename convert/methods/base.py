@@ -16,7 +16,7 @@ import torch
 from ..adapters import AttentionAdapter, AttentionLayout
 from ..errors import ConversionError
 from ..records import ConversionRecord
-from ..refine import QUALITY_STEPS, REFINE_LR
+from ..refine import QUALITY_STEPS, REFINE_LR, REFINE_LR_HEAD_MERGE
 from ..sources import CheckpointSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -54,8 +54,8 @@ class Settings:
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise ConversionError("--calib-samples must be >= 1 and --calib-seq-len >= 2.")
         if self.refine_lr is not None and not self.refine_lr > 0:
-            raise ConversionError(f"refine_lr {self.refine_lr} must be a positive step size (the default is "
-                                  f"{REFINE_LR:g} for MLA).")
+            raise ConversionError(f"refine_lr {self.refine_lr} must be a positive step size (the defaults are "
+                                  f"{REFINE_LR:g} for MLA and {REFINE_LR_HEAD_MERGE:g} for merged heads).")
         if self.refine_steps is not None and self.refine_steps < 0:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
         if self.quality not in QUALITY_STEPS:
