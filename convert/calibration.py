@@ -158,7 +158,9 @@ class LayerwiseRunner:
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32, copy=True))
         for name, _ in list(module.named_buffers()):  # e.g. the kept RoPE pairs of a hosted MLA layer
             if prefix + name in overrides:
-                set_module_tensor_to_device(module, name, self.device, value=overrides[prefix + name])
+                value = overrides[prefix + name]
+                value = value.to(torch.float32, copy=True) if value.is_floating_point() else value
+                set_module_tensor_to_device(module, name, self.device, value=value)
 
     def _weight(self, key: str) -> torch.Tensor:
         """A module parameter's value from the checkpoint. Some checkpoints store weights in

@@ -58,6 +58,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             layer = method.convert_layer(i, weights, cov, runner)
+            del weights, cov  # (the moment is 128 MiB of float64 at 7B, needed no more)
             release_memory()  # the closed form's float64 temporaries
             if runner and steps:
                 with mmap_threshold(REFINE_MMAP_THRESHOLD):
@@ -65,10 +66,9 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
                 errors.append(round(err, 6))
                 release_memory()  # the refinement's activations and optimiser state
             if runner:
-                runner.advance(i, target_layers[i], {k: v.float() for k, v in {**layer.extra, **layer.attention}.items()},
-                               call=layer.call)
+                runner.advance(i, target_layers[i], {**layer.extra, **layer.attention}, call=layer.call)
             write_layer(job, i, layer, writer)
-            del layer, weights, cov
+            del layer
             release_memory()
         method.finish(record)
         if errors:
@@ -108,11 +108,13 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     attention = job.adapter.attention_module
     inputs, call = runner.attention_inputs(index, attention)
     target_call = call if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
-    closed_form = {k: cast(v, torch.float32) for k, v in {**layer.extra, **layer.attention}.items()}
+    closed_form = {**layer.extra, **layer.attention}  # loading makes float32 copies; none is held here
     prefix = f"{runner.layer_prefix(index)}{attention}."
 
-    def weights(module):  # the refined layer ran on the calibration device
-        return {prefix + n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+    dtype = next(v.dtype for v in layer.attention.values() if v.is_floating_point())
+
+    def weights(module):  # in the layer's dtype straight away (no float32 copy of them all)
+        return {prefix + n: p.detach().to("cpu", dtype, copy=True) for n, p in module.named_parameters()}
 
     with runner.loaded_layer(index, submodule=attention) as source:
         wanted = source_outputs(source, inputs, call)
@@ -122,8 +124,7 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     if not improved:  # the closed form, loaded again as it was
         with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
             fitted = weights(target)
-    dtype = next(v.dtype for v in layer.attention.values() if v.is_floating_point())
-    return {**layer.attention, **{k: v.to(dtype) for k, v in fitted.items()}}, err
+    return {**layer.attention, **fitted}, err
 
 
 def write_layer(job: Job, index: int, layer, writer) -> None:

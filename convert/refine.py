@@ -51,6 +51,13 @@ REFINE_DECAY = 0.3
 REFINE_TOKENS = 2048
 
 
+def _step_and_drop(opt: torch.optim.Optimizer):
+    def hook(param: torch.Tensor) -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return hook
+
+
 @torch.no_grad()
 def source_outputs(source: nn.Module, inputs: list[torch.Tensor], call: dict) -> list[torch.Tensor]:
     """What refinement fits: the source attention's output on each calibration batch (computed
@@ -77,22 +84,26 @@ def refine_attention(
         before = sum((_attention_out(target, x, call) - w).pow(2).mean() for x, w in zip(inputs, wanted))
     for p in params:
         p.requires_grad_(True)
-    # Step sizes relative to each tensor's scale: biases, norms and projections differ by orders.
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-3))} for p in params]
-    opt = torch.optim.Adam(groups, betas=REFINE_BETAS)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (steps - i) / (REFINE_DECAY * steps)))
+    # One Adam per tensor, stepped as soon as backward has its gradient, which is then dropped: the
+    # gradients of a whole layer never exist at once (285 MiB in float32 for an MLA layer at 7B). Step
+    # sizes are relative to each tensor's scale: biases, norms and projections differ by orders.
+    schedules, hooks = [], []
+    for p in params:
+        opt = torch.optim.Adam([p], lr=lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-3)), betas=REFINE_BETAS)
+        schedules.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (steps - i) / (REFINE_DECAY * steps))))
+        hooks.append(p.register_post_accumulate_grad_hook(_step_and_drop(opt)))
     gen = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
         b = int(torch.randint(len(inputs), (), generator=gen))
         rows = torch.randperm(inputs[b].shape[0], generator=gen)[:max(1, batch_tokens // inputs[b].shape[1])]
         sub = _rows(call, rows, inputs[b].shape[0])
         loss = (_attention_out(target, inputs[b][rows], sub) - wanted[b][rows]).pow(2).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    for p in params:
+        loss.backward()  # steps every tensor (the hooks)
+        for schedule in schedules:
+            schedule.step()
+    for p, hook in zip(params, hooks):
         p.requires_grad_(False)
+        hook.remove()
     with torch.no_grad():
         err = sum((_attention_out(target, x, call) - w).pow(2).mean() for x, w in zip(inputs, wanted))
     improved = bool(err < before)  # never leave a layer worse than the closed form
