@@ -16,6 +16,8 @@ import logging
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers.cache_utils import Cache
 
 from .adapters import AttentionAdapter
@@ -111,6 +113,31 @@ class _StopForward(Exception):
     pass
 
 
+class MetaRead(RuntimeError):
+    """A layer computed with weights that were not loaded (see `LayerwiseRunner.loaded_on_call`)."""
+
+
+class _NoMetaReads(TorchDispatchMode):
+    """Raises MetaRead on any operation that reads a meta tensor, except while paused (loading)."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and any(isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves((args, kwargs))):
+            raise MetaRead(f"{func} read a tensor that is not loaded")
+        return func(*args, **(kwargs or {}))
+
+
 BATCH_TOKENS = 4096
 
 
@@ -143,12 +170,12 @@ class LayerwiseRunner:
                 set_module_tensor_to_device(self.base, name, "meta")
 
     def _materialise(self, module: nn.Module, exclude: str | None = None, prefix: str | None = None,
-                     overrides: dict[str, torch.Tensor] | None = None) -> None:
+                     overrides: dict[str, torch.Tensor] | None = None, recurse: bool = True) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = self.prefix if prefix is None else prefix
         overrides = overrides or {}
-        for name, param in list(module.named_parameters()):
+        for name, param in list(module.named_parameters(recurse=recurse)):
             if exclude and name.startswith(exclude + "."):
                 continue
             key = prefix + name
@@ -156,7 +183,7 @@ class LayerwiseRunner:
             # always a copy: refinement updates the loaded weights in place, and neither the caller's
             # tensors nor cached checkpoint weights may change with them
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32, copy=True))
-        for name, _ in list(module.named_buffers()):  # e.g. the kept RoPE pairs of a hosted MLA layer
+        for name, _ in list(module.named_buffers(recurse=recurse)):  # e.g. the kept RoPE pairs of a hosted MLA layer
             if prefix + name in overrides:
                 value = overrides[prefix + name]
                 value = value.to(torch.float32, copy=True) if value.is_floating_point() else value
@@ -218,6 +245,47 @@ class LayerwiseRunner:
         finally:
             module.to("meta")
 
+    @contextlib.contextmanager
+    def loaded_on_call(self, index: int, layer: nn.Module | None = None,
+                       overrides: dict[str, torch.Tensor] | None = None, release: bool = False):
+        """Layer `index` (or `layer`, with `overrides`, as in `loaded_layer`) with each module's own
+        weights materialised when that module is called, and with `release` dropped again when the
+        call returns. The passes that stop at the attention's input then load only what runs before
+        it (the input norm), not the attention and the MLP behind it (1 GiB of float32 at 7B); a
+        whole layer's pass holds one projection at a time. A module that reads another's weights
+        without calling it would meet them on the meta device (where some CPU ops silently compute
+        garbage): every operation on a meta tensor raises `MetaRead` instead (see `advance`)."""
+        layer = self.layers[index] if layer is None else layer
+        prefix = self.layer_prefix(index)
+        owners = [(name, module) for name, module in layer.named_modules()
+                  if next(module.parameters(recurse=False), None) is not None]
+
+        guard = _NoMetaReads()
+
+        def load(name):
+            def hook(module, args):
+                with guard.paused():
+                    self._materialise(module, prefix=f"{prefix}{name}." if name else prefix, overrides=overrides,
+                                      recurse=False)
+                if not release:  # loaded for good
+                    loads.pop(name).remove()
+            return hook
+
+        def drop(module, args, output):
+            with guard.paused():
+                for param_name, param in list(module.named_parameters(recurse=False)):
+                    setattr(module, param_name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+        loads = {name: module.register_forward_pre_hook(load(name)) for name, module in owners}
+        drops = [module.register_forward_hook(drop) for _, module in owners] if release else []
+        try:
+            with guard:
+                yield layer
+        finally:
+            for handle in [*loads.values(), *drops]:
+                handle.remove()
+            layer.to("meta")
+
     def _call(self, layer: nn.Module, index: int, hidden: torch.Tensor, call: dict | None = None) -> torch.Tensor:
         out = layer(hidden, **_without_cache(self.layer_kwargs[index] if call is None else call))
         return out[0] if isinstance(out, tuple) else out
@@ -231,7 +299,7 @@ class LayerwiseRunner:
             visit(kwargs.get("hidden_states", args[0] if args else None), kwargs)
             raise _StopForward
 
-        with self.loaded_layer(index) as layer:
+        def each_batch(layer):
             handle = layer.get_submodule(attention_module).register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 for h in self.hidden:
@@ -239,6 +307,8 @@ class LayerwiseRunner:
                         self._call(layer, index, h)
             finally:
                 handle.remove()
+
+        self._run_layer(index, each_batch)
 
     def attention_input_moment(self, index: int, attention_module: str) -> torch.Tensor:
         """E[[x,1][x,1]^T] of the attention input x of layer `index` (float64, D x D)."""
@@ -273,8 +343,19 @@ class LayerwiseRunner:
                 call: dict | None = None) -> None:
         """Replace the hidden states by the output of `layer` (weights: checkpoint + overrides;
         `call`: the layer's arguments when they differ from the source's, e.g. another RoPE)."""
-        with self.loaded_layer(index, layer, overrides) as loaded:
-            self.hidden = [self._call(loaded, index, h, call) for h in self.hidden]
+        self.hidden = self._run_layer(index, lambda loaded: [self._call(loaded, index, h, call) for h in self.hidden],
+                                      layer, overrides, release=True)  # one projection's weights at a time
+
+    def _run_layer(self, index: int, run, layer: nn.Module | None = None,
+                   overrides: dict[str, torch.Tensor] | None = None, release: bool = False):
+        """run(the layer) with its weights loaded on call (`loaded_on_call`); with the whole layer
+        loaded where a module reads weights it does not call for (MetaRead, raised before any result)."""
+        try:
+            with self.loaded_on_call(index, layer, overrides, release) as loaded:
+                return run(loaded)
+        except MetaRead:
+            with self.loaded_layer(index, layer, overrides) as loaded:
+                return run(loaded)
 
 
 def _without_cache(kwargs: dict) -> dict:

@@ -112,16 +112,30 @@ def _virtual_heads(w: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     return per_kv.repeat_interleave(layout.group_size, dim=0)
 
 
-def head_views(weights: AttentionWeights, layout: AttentionLayout):
+def query_key_views(weights: AttentionWeights, layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of `head_views` alone."""
+    f64 = torch.float64
+    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(layout.num_heads, layout.head_dim, -1)
+    return q, _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+
+
+def row_energy(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """E[(row . [x, 1])^2] of every row of w (..., n, D) under the moment `cov`, i.e. the diagonal of
+    w cov w^T, an (n, D) slice at a time (no temporary the size of w: 128 MiB per head stack at 7B)."""
+    flat = w.reshape(-1, *w.shape[-2:])
+    return torch.stack([((m @ cov) * m).sum(-1) for m in flat]).reshape(w.shape[:-1])
+
+
+def head_views(weights: AttentionWeights, layout: AttentionLayout, o_float64: bool = True):
     """Per query head, float64, acting on the input augmented with a constant 1: q, k, v
     (num_heads, hd, D) - a GQA source's KV heads repeated for each query head that reads them -
-    and o (num_heads, d_out, hd), each head's o_proj columns."""
+    and o (num_heads, d_out, hd), each head's o_proj columns (with `o_float64=False` a view of the
+    stored weight, for callers that only take per-head products of it)."""
     f64 = torch.float64
     nh, hd = layout.num_heads, layout.head_dim
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(nh, hd, -1)
-    k = _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    q, k = query_key_views(weights, layout)
     v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
-    o = weights.o_w.to(f64).reshape(-1, nh, hd).permute(1, 0, 2)
+    o = (weights.o_w.to(f64) if o_float64 else weights.o_w).reshape(-1, nh, hd).permute(1, 0, 2)
     return q, k, v, o
 
 
@@ -152,7 +166,7 @@ def query_energy(
     q_norm: torch.Tensor | None,
 ) -> torch.Tensor:
     """E|q_{i,f}|^2 per query head and RoPE frequency: (num_heads, hd/2)."""
-    var = torch.einsum("hod,de,hoe->ho", q_heads, cov, q_heads)  # per output dim
+    var = row_energy(q_heads, cov)  # per output dim
     if q_norm is not None:
         # After RMSNorm a head's dims have unit mean energy, then the norm weight scales them.
         var = var / var.mean(dim=1, keepdim=True).clamp(min=1e-30) * q_norm.double()[None] ** 2
@@ -171,8 +185,8 @@ def merge_keys_aware(
     Minimises sum_i E_f[s_if^2 |k_i - a_i k_g|^2] with s_if^2 the query energy of head i.
     """
     s = energy.clamp(min=1e-12 * energy.max().clamp(min=1e-30)).sqrt()  # (r, F)
-    cov_c = cov.to(k_members.dtype)
-    gram = torch.einsum("rfd,de,sfe->frs", k_members.conj(), cov_c, k_members)  # (F, r, r)
+    # gram[f] = conj(K_f) cov K_f^T, one frequency at a time (cov is real: no complex copy of it)
+    gram = torch.stack([torch.complex(m.real @ cov, m.imag @ cov).conj() @ m.T for m in k_members.unbind(1)])
     s_f = s.T.to(gram.dtype)  # (F, r)
     weighted = s_f[:, :, None] * gram * s_f[:, None, :]
     _, vecs = torch.linalg.eigh(weighted)

@@ -52,6 +52,7 @@ from .gqa import (
     merge_keys_aware,
     pair_indices,
     query_energy,
+    row_energy,
     sym_sqrt,
     to_complex,
 )
@@ -215,7 +216,7 @@ class MLALayer:
 
 def _anchor(rows: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
     """(anchor value, norm weight) so RMSNorm([y, anchor]) * weight ~ y for y = rows @ [x, 1]."""
-    energy = float(torch.einsum("kd,de,ke->", rows, cov, rows)) / max(rows.shape[0], 1)
+    energy = float(row_energy(rows, cov).sum()) / max(rows.shape[0], 1)
     n = rows.shape[0] + 1
     anchor = ANCHOR_SCALE * math.sqrt(max(energy, 1e-12) * n)
     return anchor, anchor / math.sqrt(n)
@@ -232,28 +233,85 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     """
     nh, hd, D = k.shape
     f64 = torch.float64
-    stack = torch.cat([k, v]).reshape(2 * nh, hd, D)  # rows: keys of every head, then values
     # The row weighting is block diagonal (one hd x hd block per head and K/V): kept as blocks, so
     # neither it nor its inverse is ever an (2 nh hd)^2 matrix.
     if init == "whitened":
-        roots = [sym_sqrt(qn @ cov @ qn.T) for qn in q] + [sym_sqrt(oi.T @ oi) for oi in o]
+        roots = [sym_sqrt(qn @ cov @ qn.T) for qn in q] + [sym_sqrt(oi.to(f64).T @ oi.to(f64)) for oi in o]
         blocks, inverse = torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
     else:
         blocks = inverse = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
     basis_cov = torch.eye(D, dtype=f64) if init == "svd" else cov
-    weighted = blocks @ stack  # (2 nh, hd, D)
-    del stack  # (at 7B each of these float64 stacks is 268 MB; the peak is what bounds a conversion)
-    if init != "svd":
-        ek = torch.einsum("rd,de,re->", weighted[:nh].reshape(-1, D), cov, weighted[:nh].reshape(-1, D))
-        ev = torch.einsum("rd,de,re->", weighted[nh:].reshape(-1, D), cov, weighted[nh:].reshape(-1, D))
-        # (floor: when the keys are entirely carried by RoPE their remainder is round-off, not signal)
-        scale = torch.ones(2 * nh, 1, 1, dtype=f64)
-        scale[:nh] = (ev / ek.clamp(min=1e-12 * ev)).sqrt()
-        weighted, inverse = weighted.mul_(scale), inverse / scale  # one scalar per key block
-    weighted = weighted.reshape(2 * nh * hd, D)
-    top = principal_directions(weighted, basis_cov, rank)  # (2 nh hd, r)
-    up = (inverse @ top.reshape(2 * nh, hd, rank)).reshape(2 * nh * hd, rank)
-    return top.T @ weighted, up
+    scale = torch.ones(2 * nh, dtype=f64)  # one scalar per block: balances keys against values
+
+    def rows(j: int) -> torch.Tensor:  # the weighted rows of block j (keys of head j, then values)
+        return scale[j] * (blocks[j] @ (k[j] if j < nh else v[j - nh]))
+
+    if 2 * nh * hd <= D:  # fewer rows than inputs: the rows x rows problem is the small one
+        weighted = torch.stack([rows(j) for j in range(2 * nh)])
+        if init != "svd":
+            scale[:nh] = _key_balance(_energy(weighted[:nh], cov), _energy(weighted[nh:], cov))
+            weighted[:nh] *= scale[:nh, None, None]
+        top = principal_directions(weighted.reshape(-1, D), basis_cov, rank).reshape(2 * nh, hd, rank)
+        down = top.reshape(-1, rank).T @ weighted.reshape(-1, D)
+    else:
+        # More rows than inputs (MHA: 2 x hidden): everything goes through the D x D Gram of the rows,
+        # accumulated block by block, so the weighted rows (2 nh hd x D: 268 MB at 7B) never exist at once
+        key_gram, gram = _gram(rows, range(nh)), _gram(rows, range(nh, 2 * nh))
+        if init != "svd":  # E|row . x|^2 summed over rows = <gram, cov>
+            scale[:nh] = _key_balance(float(torch.dot(key_gram.flatten(), cov.flatten())),
+                                      float(torch.dot(gram.flatten(), cov.flatten())))
+        gram.add_(key_gram, alpha=float(scale[0]) ** 2)
+        del key_gram
+        found = directions_from_gram(gram, basis_cov, rank)
+        if found is None:  # no positive definite moment even ridged: the rows x rows problem
+            weighted = torch.stack([rows(j) for j in range(2 * nh)]).reshape(-1, D)
+            top = principal_directions(weighted, basis_cov, rank).reshape(2 * nh, hd, rank)
+            down = top.reshape(-1, rank).T @ weighted
+        else:
+            mix, down = found
+            del gram
+            top = torch.stack([rows(j) @ mix for j in range(2 * nh)])
+    up = ((inverse / scale[:, None, None]) @ top).reshape(2 * nh * hd, rank)
+    return down, up
+
+
+def _key_balance(key_energy: float, value_energy: float) -> float:
+    """The scale that gives the keys the values' energy (floored: when RoPE carries the keys
+    entirely, their remainder is round-off, not signal)."""
+    return math.sqrt(value_energy / max(key_energy, 1e-12 * value_energy))
+
+
+def _gram(rows, blocks) -> torch.Tensor:
+    """sum over `blocks` of rows(j)^T rows(j): (D, D)."""
+    total = None
+    for j in blocks:
+        r = rows(j)
+        total = r.T @ r if total is None else total.addmm_(r.T, r)
+    return total
+
+
+def directions_from_gram(gram: torch.Tensor, cov: torch.Tensor, rank: int):
+    """The top-`rank` eigenvectors of w @ cov @ w.T, from gram = w.T @ w (w: (n, D), n > D) alone.
+
+    With cov = L L^T and B = w L, they are B v / |B v| for the top eigenvectors v of B^T B =
+    L^T gram L: returns (mix (D, r), down (r, D)) with the eigenvectors = w @ mix and
+    down = their transpose @ w, or None where cov is not positive definite even ridged. A singular
+    cov is ridged (see RIDGE); directions the ridge chose rather than the data are zero columns."""
+    for ridge in (0.0, RIDGE):
+        chol = input_root(cov, ridge)
+        if chol is None:
+            continue
+        vals, vecs = torch.linalg.eigh(chol.T @ gram @ chol)
+        vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
+        if float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: ridge it, or solve as is
+            mix = (chol @ vecs).div_(vals.sqrt())
+            down = mix.T @ gram
+            if ridge:  # directions the ridge chose rather than the data carry nothing: latent rows of 0
+                energy = row_energy(down, cov)
+                empty = energy < ridge * cov.diagonal().mean() * down.pow(2).sum(1)
+                mix[:, empty], down[empty] = 0, 0
+            return mix, down
+    return None
 
 
 def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
@@ -261,24 +319,13 @@ def principal_directions(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch
     rank of a singular cov, see RIDGE).
 
     With more rows than columns (MHA: 2 nh hd = 2 x hidden), the same vectors come from the D x D
-    problem: with cov = L L^T and B = w L, they are B v / |B v| for the top eigenvectors v of B^T B,
-    an eigendecomposition of a quarter of the size (an eighth of the work)."""
+    problem (`directions_from_gram`), an eigendecomposition of a quarter of the size (an eighth of
+    the work)."""
     n, D = w.shape
     if n > D and rank <= D:
-        for ridge in (0.0, RIDGE):
-            chol = input_root(cov, ridge)
-            if chol is None:
-                continue
-            b = w @ chol
-            vals, vecs = torch.linalg.eigh(b.T @ b)
-            vals, vecs = vals[-rank:].flip(-1), vecs[:, -rank:].flip(-1)
-            if float(vals[-1]) > 1e-9 * float(vals[0]):  # else a near-null direction: ridge it, or solve as is
-                top = (b @ vecs).div_(vals.sqrt())
-                if ridge:  # directions the ridge chose rather than the data carry nothing: latent rows of 0
-                    proj = top.T @ w
-                    energy = torch.einsum("rd,de,re->r", proj, cov, proj)
-                    top[:, energy < ridge * cov.diagonal().mean() * proj.pow(2).sum(1)] = 0
-                return top
+        found = directions_from_gram(w.T @ w, cov, rank)
+        if found is not None:
+            return w @ found[0]
     _, vecs = torch.linalg.eigh(w @ cov @ w.T)
     return vecs[:, -rank:].flip(-1)
 
@@ -310,15 +357,21 @@ class SharedRopeLatent:
     folds: torch.Tensor  # (nh, F) complex: each head's key ~ fold * shared at a kept pair
     beta: torch.Tensor  # (F,) query scale standing in for a dropped rotation
     q_nope: torch.Tensor  # (nh, hd, D) real: queries of the un-rotated part
+    q_rope: torch.Tensor  # (nh, P, D) complex: the source's queries at the kept pairs, folded
     down: torch.Tensor  # (r, D): latent = down @ [x, 1]
     up: torch.Tensor  # (2 nh hd, r): [k_nope of every head; v of every head] = up @ latent
 
 
-def shared_rope_latent(q, k, v, o, cov, theta, pairs: int, rank: int, *, init: str, rope_strategy: str, context: int,
-                       re: torch.Tensor, im: torch.Tensor, rope_window: tuple[int, int] | None = None) -> SharedRopeLatent:
-    """q, k, v: (nh, hd, D) per-head weights on [x, 1]; o: (nh, d_out, hd); theta: (F,) the source's
-    frequency of each rotary pair (re, im); dims outside the pairs (partial rotary) carry no position
-    and go to the un-rotated part whole."""
+def shared_rope_latent(views: list[torch.Tensor], cov, theta, pairs: int, rank: int, *, init: str, rope_strategy: str,
+                       context: int, re: torch.Tensor, im: torch.Tensor,
+                       rope_window: tuple[int, int] | None = None) -> SharedRopeLatent:
+    """views: [q, k, v, o] as `head_views` gives them (q, k, v: (nh, hd, D) per-head weights on
+    [x, 1]; o: (nh, d_out, hd)), handed over: the list is emptied and each view dropped once used
+    (each is 128 MiB of float64 at 7B). theta: (F,) the source's frequency of each rotary pair
+    (re, im); dims outside the pairs (partial rotary) carry no position and go to the un-rotated
+    part whole."""
+    q, k, v, o = views
+    views.clear()
     beta = rotation_keep_factor(theta, context)  # (F,)
     # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
     shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
@@ -326,9 +379,11 @@ def shared_rope_latent(q, k, v, o, cov, theta, pairs: int, rank: int, *, init: s
     kept = torch.arange(start, start + pairs * stride, stride)
     # 2. un-rotated part of every head: residual at kept frequencies, whole key elsewhere
     k_nope, q_nope = nope_remainder(q, k, resid, beta, kept, re, im)
+    q_rope = (to_complex(q, re, im)[:, kept] * folds.conj()[:, kept, None])
+    del q, k, resid
     # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
     down, up = joint_latent(k_nope, v, q_nope, o, cov, rank, init)
-    return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, q_nope, down, up)
+    return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, q_nope, q_rope, down, up)
 
 
 def nope_remainder(q, k, resid, beta, kept, re, im) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +465,7 @@ def _query_roots(q, cov) -> torch.Tensor:
 def _energy(rows, cov) -> float:
     """Sum of E[(row . [x, 1])^2] over `rows` (..., D): with keys weighted by `_query_roots`, the
     heads' summed E[(q . k)^2] for query and key inputs drawn independently."""
-    return float(torch.einsum("hid,de,hie->", rows, cov, rows).clamp(min=1e-30))
+    return float(row_energy(rows, cov).sum().clamp(min=1e-30))
 
 
 def _value_rows(v, o, cov) -> torch.Tensor:
@@ -428,15 +483,16 @@ def _tail(rows, cov) -> torch.Tensor:
 def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Tensor:
     """Typical 1/rms of each head's output of w (nh, hd, D) under the input moment: what a per-head
     RMSNorm multiplies it by, on average."""
-    energy = torch.einsum("hod,de,hoe->h", w, cov, w) / w.shape[1]
+    energy = row_energy(w, cov).sum(1) / w.shape[1]
     return (energy.clamp(min=0) + eps).rsqrt()
 
 
-def normalised_head_views(weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor, norm_eps: float):
+def normalised_head_views(weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor, norm_eps: float,
+                          o_float64: bool = True):
     """`head_views` (q, k, v, o) of the keys and queries the hosted class factors, and the key-norm
     gain per source KV head (None without q/k-norm): with per-head RMSNorms, what the norms output
     on average (their per-token deviation is cached)."""
-    q, k, v, o = head_views(weights, layout)
+    q, k, v, o = head_views(weights, layout, o_float64)
     if weights.k_norm is None:
         return q, k, v, o, None
     f64 = torch.float64
@@ -481,7 +537,9 @@ def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLa
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
     re, im = pair_indices(hd, rope_layout)
     P = rope_dim // 2
-    q, k, v, o, k_gain = normalised_head_views(weights, layout, cov, norm_eps)
+    q, k, v, o, k_gain = normalised_head_views(weights, layout, cov, norm_eps, o_float64=False)
+    views = [q, k, v, o]
+    del q, k, v, o  # shared_rope_latent drops each once used
     tensors: dict[str, torch.Tensor] = {}
     if k_gain is not None:
         tensors["q_norm"] = weights.q_norm
@@ -489,7 +547,7 @@ def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLa
         if weights.k_b is not None:
             tensors["k_norm_proj.bias"] = weights.k_b
         tensors["key_scale_mean"] = 1 / k_gain
-    rope = shared_rope_latent(q, k, v, o, cov, theta, P, rank, init=init, rope_strategy=rope_strategy,
+    rope = shared_rope_latent(views, cov, theta, P, rank, init=init, rope_strategy=rope_strategy,
                               context=context, re=re, im=im, rope_window=rope_window)
     nope_scale = torch.ones(hd, dtype=f64)
     nope_scale[re] = nope_scale[im] = rope.beta
@@ -569,12 +627,11 @@ def convert_attention_mla(
     re, im = pair_indices(hd, rope_layout)
     P = shape.rope_dim // 2
 
-    q, k, v, o = head_views(weights, layout)  # (nh, hd, D) x3, (nh, d_out, hd)
-    rope = shared_rope_latent(q, k, v, o, cov, theta, P, shape.kv_rank, init=init, rope_strategy=rope_strategy,
-                              context=context, re=re, im=im, rope_window=rope_window)
-    start, stride, down, up = rope.start, rope.stride, rope.down, rope.up
-    q_nope = rope.q_nope
-    q_rope_c = (to_complex(q, re, im) * rope.folds.conj()[:, :, None])[:, rope.kept]  # (nh, P, D)
+    # (nh, hd, D) x3 and (nh, d_out, hd), handed over (see shared_rope_latent)
+    rope = shared_rope_latent(list(head_views(weights, layout, o_float64=False)), cov, theta, P, shape.kv_rank,
+                              init=init, rope_strategy=rope_strategy, context=context, re=re, im=im,
+                              rope_window=rope_window)
+    start, stride, down = rope.start, rope.stride, rope.down
     k_rope_c = rope.shared[rope.kept]  # (P, D)
 
     # latent norm: an anchor element keeps the per-token RMS (near) constant. With biases it is a
@@ -591,20 +648,25 @@ def convert_attention_mla(
         kv_a[shape.kv_rank, d] = anchor
     kv_norm = torch.full((shape.kv_rank + 1,), norm_w, dtype=f64)
     kv_norm[shape.kv_rank] = 1.0
-    up = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=f64)], dim=1)  # anchor column unused
     pad = (latent_rows or shape.kv_rank) - shape.kv_rank
     if pad > 0:  # zero latent rows: cached, never read; the norm weight keeps the RMS the anchor sets
         shrink = math.sqrt((shape.kv_rank + 1) / (shape.kv_rank + 1 + pad))  # the RMS is over more elements
         kv_a = torch.cat([kv_a[:shape.kv_rank], torch.zeros(pad, D, dtype=f64), kv_a[shape.kv_rank:]])
         kv_norm = torch.cat([kv_norm[:shape.kv_rank] * shrink, torch.zeros(pad, dtype=f64), kv_norm[shape.kv_rank:]])
-        up = torch.cat([up[:, :shape.kv_rank], torch.zeros(up.shape[0], pad, dtype=f64), up[:, shape.kv_rank:]], dim=1)
-    kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, -1), up[nh * hd:].reshape(nh, hd, -1)], dim=1)  # (nh, 2hd, r+1)
+    # per head [k_nope; v] from the latent; the padding rows and the anchor's column are never read
+    kv_b = torch.zeros(nh, 2 * hd, shape.kv_rank + pad + 1, dtype=f64)
+    kv_b[:, :hd, :shape.kv_rank] = rope.up[: nh * hd].reshape(nh, hd, -1)
+    kv_b[:, hd:, :shape.kv_rank] = rope.up[nh * hd:].reshape(nh, hd, -1)
+    rope.up = None
 
     # queries: [q_nope (hd) ; q_rope (2P, interleaved)] per head, rescaled to the source temperature
     scale_src = source_scaling if source_scaling is not None else hd**-0.5
     temperature = scale_src / (hd + 2 * P) ** -0.5
-    q_rope = from_complex(q_rope_c, *_interleaved(2 * P), 2 * P)  # (nh, 2P, D)
-    q_full = torch.cat([q_nope, q_rope], dim=1) * temperature  # (nh, hd + 2P, D)
+    q_full = torch.empty(nh, hd + 2 * P, D, dtype=f64)
+    torch.mul(rope.q_nope, temperature, out=q_full[:, :hd])
+    rope.q_nope = None
+    q_full[:, hd::2], q_full[:, hd + 1::2] = rope.q_rope.real, rope.q_rope.imag  # interleaved pairs
+    q_full[:, hd:] *= temperature
     q_full = q_full.reshape(nh * (hd + 2 * P), D)
 
     out_dtype = weights.q_w.dtype
@@ -612,7 +674,7 @@ def convert_attention_mla(
     def cast(t):
         return t.to(out_dtype).contiguous()
 
-    o_bias = torch.zeros(o.shape[1], dtype=f64)
+    o_bias = torch.zeros(weights.o_w.shape[0], dtype=f64)
     if bias_free:
         return MLALayer(
             q_proj=cast(q_full[:, :d] + q_full[:, d:] * u[None]), q_a_proj=None, q_a_norm=None, q_b_proj=None,

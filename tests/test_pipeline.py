@@ -213,3 +213,40 @@ def test_a_refinement_that_does_not_help_leaves_the_closed_form_bit_for_bit(save
         assert torch.equal(closed[key], diverged[key]), key
     record = json.loads((tmp_path / "diverged" / RECORD_FILE).read_text())
     assert len(record["refinement"]["relative_output_error"]) == 2
+
+
+def test_a_layer_pass_loads_each_projection_on_call_and_falls_back_where_a_module_reads_weights_directly(
+        save_model, text_file):
+    """Advancing the calibration stream holds one projection's weights at a time (7B: one MLP
+    matrix instead of the whole float32 layer) with bit-identical outputs. A module that reads
+    another's weights without calling it (MLA's absorbed attention does) would meet unloaded
+    (meta) weights, on which some CPU ops silently return garbage: that pass loads the whole layer."""
+    import torch.nn.functional as F
+
+    from kvslim.convert.adapters import get_adapter
+    from kvslim.convert.calibration import LayerwiseRunner, calibration_windows
+    from kvslim.convert.sources import open_source
+
+    source = open_source(str(save_model(make_model("llama"), "llama")), None)
+    ids, _ = calibration_windows(source, str(text_file), 4, 32)
+    runner = LayerwiseRunner(source, ids, adapter=get_adapter("llama"))
+    layer = runner.layers[0]
+
+    def outputs(loaded):
+        return [runner._call(loaded, 0, h) for h in runner.hidden]
+
+    with runner.loaded_layer(0) as loaded:
+        want = outputs(loaded)
+    loaded_at_down_proj = []  # (this hook runs before the one that drops the weights again)
+    hook = layer.mlp.down_proj.register_forward_hook(
+        lambda m, a, o: loaded_at_down_proj.append([n for n, p in layer.named_parameters() if not p.is_meta]))
+    got = runner._run_layer(0, outputs, release=True)
+    hook.remove()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert loaded_at_down_proj[0] == ["mlp.down_proj.weight"]  # the projections before it went again
+
+    mlp = layer.mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * F.linear(x, mlp.up_proj.weight))
+    got = runner._run_layer(0, outputs, release=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(p.is_meta for p in layer.parameters())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..adapters import text_config
 from ..allocation import LayerChoices, allocate
 from ..errors import ConversionError
-from ..gqa import head_views, pair_indices
+from ..gqa import head_views, pair_indices, query_key_views
 from ..mla import (
     INITS,
     ROPE_STRATEGIES,
@@ -250,7 +250,7 @@ class DeepseekMLA(_MLA):
     def _frequency_gain(self, weights, cov) -> torch.Tensor:
         """Per-frequency benefit of keeping a pair under RoPE (the criterion the layer conversion uses)."""
         layout, rope_layout = self.job.layout, self.job.adapter.rope_layout
-        q, k, _, _ = head_views(weights, layout)
+        q, k = query_key_views(weights, layout)
         *_, gain = shared_rope_key(q, k, cov, rotation_keep_factor(self.theta, self.job.settings.calib_seq_len),
                                    self.options.rope_strategy, *pair_indices(layout.head_dim, rope_layout))
         return gain if self.options.rope_strategy == "partial" else gain / gain.sum().clamp(min=1e-30)
