@@ -37,6 +37,10 @@ SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
 }
 
 
+CALIB_SAMPLES, CALIB_SEQ_LEN = 8, 128  # of --calibrated
+CALIB_TOKENS = CALIB_SAMPLES * CALIB_SEQ_LEN
+
+
 def write_checkpoint(path: Path, shape: str, shard_bytes: int) -> int:
     """A random bf16 Llama checkpoint (config + sharded safetensors), one tensor in memory at a time."""
     import torch
@@ -110,8 +114,8 @@ def measured(cmd: list[str], env: dict) -> dict:
 
 def convert_args(args) -> list[str]:
     if args.calibrated:  # calibration text and a tokenizer written beside the checkpoint
-        return ["--to", "mla", "--kv-budget", "0.25", "--calib-data", str(args.calib_file), "--calib-samples", "8",
-                "--calib-seq-len", "128", "--refine-steps", str(args.refine_steps)]
+        return ["--to", "mla", "--kv-budget", "0.25", "--calib-data", str(args.calib_file), "--calib-samples",
+                str(CALIB_SAMPLES), "--calib-seq-len", str(CALIB_SEQ_LEN), "--refine-steps", str(args.refine_steps)]
     return ["--to", "gqa", "--kv-heads", str(args.kv_heads), "--method", "mean"]
 
 
@@ -127,7 +131,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['code']} | {r['shards']} | {r['peak_rss_anon_mib']:,} MiB | {r['peak_rss_mib']:,} MiB "
                      f"| {r['wall_s']:.1f} s | x{r['wall_s'] / max(result['cat_s'], 1e-9):.1f} |")
     layer = result["layer_bytes"] / 1024**2
-    lines += ["", f"One layer's weights: {layer:,.0f} MiB.", "", machine_line(result["machine"]), ""]
+    lines += ["", f"One layer's weights: {layer:,.0f} MiB."]
+    if result.get("calibrated"):  # the goal: one layer + the calibration activations (float32) + 1 GiB
+        activations = CALIB_TOKENS * SHAPES[result["shape"]][1] * 4 / 1024**2
+        lines[-1] += (f" The goal for a calibrated conversion, one layer + the calibration activations "
+                      f"({activations:,.0f} MiB) + 1 GiB, is {layer + activations + 1024:,.0f} MiB.")
+    lines += ["", machine_line(result["machine"]), ""]
     return "\n".join(lines)
 
 

@@ -112,11 +112,16 @@ def _virtual_heads(w: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     return per_kv.repeat_interleave(layout.group_size, dim=0)
 
 
+def query_views(weights: AttentionWeights, layout: AttentionLayout) -> torch.Tensor:
+    """q of `head_views` alone."""
+    q = _augmented(weights.q_w.to(torch.float64), _opt64(weights.q_b))
+    return q.reshape(layout.num_heads, layout.head_dim, -1)
+
+
 def query_key_views(weights: AttentionWeights, layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k of `head_views` alone."""
-    f64 = torch.float64
-    q = _augmented(weights.q_w.to(f64), _opt64(weights.q_b)).reshape(layout.num_heads, layout.head_dim, -1)
-    return q, _virtual_heads(_augmented(weights.k_w.to(f64), _opt64(weights.k_b)), layout)
+    k = _virtual_heads(_augmented(weights.k_w.to(torch.float64), _opt64(weights.k_b)), layout)
+    return query_views(weights, layout), k
 
 
 def row_energy(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

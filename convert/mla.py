@@ -52,6 +52,8 @@ from .gqa import (
     merge_keys_aware,
     pair_indices,
     query_energy,
+    query_key_views,
+    query_views,
     row_energy,
     sym_sqrt,
     to_complex,
@@ -222,32 +224,48 @@ def _anchor(rows: torch.Tensor, cov: torch.Tensor) -> tuple[float, float]:
     return anchor, anchor / math.sqrt(n)
 
 
-def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Tensor, cov: torch.Tensor, rank: int,
+def row_weighting(q: torch.Tensor, o: torch.Tensor, cov: torch.Tensor, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighting of `joint_latent`'s rows and its inverse, one hd x hd block per head for its keys
+    and one for its values ((2 nh, hd, hd) each): ``whitened`` weights each head's keys by the root
+    of its query covariance (score error) and its values by the root of its o_proj Gram (output
+    error); ``pca`` and ``svd`` weight nothing. q: (nh, hd, D); o: (nh, d_out, hd), any float dtype.
+    Kept as blocks, so neither it nor its inverse is ever an (2 nh hd)^2 matrix."""
+    f64 = torch.float64
+    nh, hd, _ = q.shape
+    if init != "whitened":
+        eye = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
+        return eye, eye
+    roots = [sym_sqrt(qn @ cov @ qn.T) for qn in q] + [sym_sqrt(oi.to(f64).T @ oi.to(f64)) for oi in o]
+    return torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
+
+
+def joint_latent(kv, weighting: tuple[torch.Tensor, torch.Tensor], cov: torch.Tensor, rank: int,
                  init: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Factor [K; V] of all heads (each (nh, hd, D), acting on [x, 1]) through a rank-`rank` latent.
 
-    Returns (down (r, D), up (2 nh hd, r)) with [K; V] ~ up @ down: the latent is c = down @ [x, 1].
-    ``whitened`` weights key rows by each head's query covariance (score error) and value rows by
-    its o_proj Gram (output error) under the input covariance; ``pca`` is TransMLA's activation PCA
-    with K/V norm balancing; ``svd`` is MHA2MLA's weight-only SVD.
+    `kv` is a function returning (K, V), called once per pass over them rather than its result held
+    (at 7B each is 128 MiB of float64, and the eigendecomposition between the passes needs neither);
+    `weighting` is `row_weighting`'s. Returns (down (r, D), up (2 nh hd, r)) with [K; V] ~ up @ down:
+    the latent is c = down @ [x, 1]. ``whitened`` minimises the score and output errors under the
+    input covariance; ``pca`` is TransMLA's activation PCA with K/V norm balancing; ``svd`` is
+    MHA2MLA's weight-only SVD.
     """
-    nh, hd, D = k.shape
+    blocks, inverse = weighting
+    nh, hd = blocks.shape[0] // 2, blocks.shape[1]
+    D = cov.shape[0]
     f64 = torch.float64
-    # The row weighting is block diagonal (one hd x hd block per head and K/V): kept as blocks, so
-    # neither it nor its inverse is ever an (2 nh hd)^2 matrix.
-    if init == "whitened":
-        roots = [sym_sqrt(qn @ cov @ qn.T) for qn in q] + [sym_sqrt(oi.to(f64).T @ oi.to(f64)) for oi in o]
-        blocks, inverse = torch.stack([r for r, _ in roots]), torch.stack([i for _, i in roots])
-    else:
-        blocks = inverse = torch.eye(hd, dtype=f64).expand(2 * nh, hd, hd)
     basis_cov = torch.eye(D, dtype=f64) if init == "svd" else cov
     scale = torch.ones(2 * nh, dtype=f64)  # one scalar per block: balances keys against values
 
-    def rows(j: int) -> torch.Tensor:  # the weighted rows of block j (keys of head j, then values)
+    def rows(j: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # weighted rows of block j
         return scale[j] * (blocks[j] @ (k[j] if j < nh else v[j - nh]))
 
+    def all_rows() -> torch.Tensor:
+        k, v = kv()
+        return torch.stack([rows(j, k, v) for j in range(2 * nh)])
+
     if 2 * nh * hd <= D:  # fewer rows than inputs: the rows x rows problem is the small one
-        weighted = torch.stack([rows(j) for j in range(2 * nh)])
+        weighted = all_rows()
         if init != "svd":
             scale[:nh] = _key_balance(_energy(weighted[:nh], cov), _energy(weighted[nh:], cov))
             weighted[:nh] *= scale[:nh, None, None]
@@ -256,21 +274,26 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, o: torch.Ten
     else:
         # More rows than inputs (MHA: 2 x hidden): everything goes through the D x D Gram of the rows,
         # accumulated block by block, so the weighted rows (2 nh hd x D: 268 MB at 7B) never exist at once
-        key_gram, gram = _gram(rows, range(nh)), _gram(rows, range(nh, 2 * nh))
+        k, v = kv()
+        key_gram = _gram(lambda j: rows(j, k, v), range(nh))
+        gram = _gram(lambda j: rows(j, k, v), range(nh, 2 * nh))
+        del k, v
         if init != "svd":  # E|row . x|^2 summed over rows = <gram, cov>
             scale[:nh] = _key_balance(float(torch.dot(key_gram.flatten(), cov.flatten())),
                                       float(torch.dot(gram.flatten(), cov.flatten())))
         gram.add_(key_gram, alpha=float(scale[0]) ** 2)
         del key_gram
         found = directions_from_gram(gram, basis_cov, rank)
+        del gram
         if found is None:  # no positive definite moment even ridged: the rows x rows problem
-            weighted = torch.stack([rows(j) for j in range(2 * nh)]).reshape(-1, D)
+            weighted = all_rows().reshape(-1, D)
             top = principal_directions(weighted, basis_cov, rank).reshape(2 * nh, hd, rank)
             down = top.reshape(-1, rank).T @ weighted
         else:
             mix, down = found
-            del gram
-            top = torch.stack([rows(j) @ mix for j in range(2 * nh)])
+            k, v = kv()
+            top = torch.stack([rows(j, k, v) @ mix for j in range(2 * nh)])
+            del k, v
     up = ((inverse / scale[:, None, None]) @ top).reshape(2 * nh * hd, rank)
     return down, up
 
@@ -356,47 +379,57 @@ class SharedRopeLatent:
     shared: torch.Tensor  # (F, D) complex: the shared key per frequency pair
     folds: torch.Tensor  # (nh, F) complex: each head's key ~ fold * shared at a kept pair
     beta: torch.Tensor  # (F,) query scale standing in for a dropped rotation
-    q_nope: torch.Tensor  # (nh, hd, D) real: queries of the un-rotated part
-    q_rope: torch.Tensor  # (nh, P, D) complex: the source's queries at the kept pairs, folded
     down: torch.Tensor  # (r, D): latent = down @ [x, 1]
-    up: torch.Tensor  # (2 nh hd, r): [k_nope of every head; v of every head] = up @ latent
+    up: torch.Tensor | None  # (2 nh hd, r): [k_nope of every head; v of every head] = up @ latent
 
 
-def shared_rope_latent(views: list[torch.Tensor], cov, theta, pairs: int, rank: int, *, init: str, rope_strategy: str,
-                       context: int, re: torch.Tensor, im: torch.Tensor,
-                       rope_window: tuple[int, int] | None = None) -> SharedRopeLatent:
-    """views: [q, k, v, o] as `head_views` gives them (q, k, v: (nh, hd, D) per-head weights on
-    [x, 1]; o: (nh, d_out, hd)), handed over: the list is emptied and each view dropped once used
-    (each is 128 MiB of float64 at 7B). theta: (F,) the source's frequency of each rotary pair
-    (re, im); dims outside the pairs (partial rotary) carry no position and go to the un-rotated
-    part whole."""
-    q, k, v, o = views
-    views.clear()
+def shared_rope_latent(views, cov, theta, pairs: int, rank: int, *, init: str, rope_strategy: str, context: int,
+                       re: torch.Tensor, im: torch.Tensor, rope_window: tuple[int, int] | None = None) -> SharedRopeLatent:
+    """views: a function returning the per-head weights (q, k, v, o) as `head_views` gives them (q,
+    k, v: (nh, hd, D) on [x, 1]; o: (nh, d_out, hd)), called once per pass over them rather than its
+    result held: at 7B each is 128 MiB of float64. theta: (F,) the source's frequency of each rotary
+    pair (re, im); dims outside the pairs (partial rotary) carry no position and go to the
+    un-rotated part whole."""
     beta = rotation_keep_factor(theta, context)  # (F,)
     # 1. shared RoPE key at an arithmetic progression of frequencies, with per-head folds
-    shared, folds, resid, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
+    q, k, _, o = views()
+    shared, folds, _, gain = shared_rope_key(q, k, cov, beta, rope_strategy, re, im)
     start, stride = rope_window or rope_progression(gain, pairs)
     kept = torch.arange(start, start + pairs * stride, stride)
+    weighting = row_weighting(nope_queries(q, beta, re, im), o, cov, init)
+    del q, k, o
+
     # 2. un-rotated part of every head: residual at kept frequencies, whole key elsewhere
-    k_nope, q_nope = nope_remainder(q, k, resid, beta, kept, re, im)
-    q_rope = (to_complex(q, re, im)[:, kept] * folds.conj()[:, kept, None])
-    del q, k, resid
+    def keys_and_values():
+        _, k, v, _ = views()
+        return nope_keys(k, key_residual(k, shared, folds, re, im), kept, re, im), v
+
     # 3. joint latent of [K_nope; V] (rows: nh*hd keys then nh*hd values)
-    down, up = joint_latent(k_nope, v, q_nope, o, cov, rank, init)
-    return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, q_nope, q_rope, down, up)
+    down, up = joint_latent(keys_and_values, weighting, cov, rank, init)
+    return SharedRopeLatent(kept, int(start), int(stride), shared, folds, beta, down, up)
 
 
-def nope_remainder(q, k, resid, beta, kept, re, im) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k_nope, q_nope), each (nh, hd, D): the keys RoPE no longer carries (the residual of the shared
-    key at `kept` pairs, the whole key at the others) and the queries scaled by beta."""
+def key_residual(k, shared, folds, re, im) -> torch.Tensor:
+    """(nh, F, D) complex: what each head's key keeps beyond fold * shared key, per frequency pair."""
+    return to_complex(k, re, im) - folds[:, :, None] * shared[None]
+
+
+def nope_keys(k, resid, kept, re, im) -> torch.Tensor:
+    """(nh, hd, D): the keys RoPE no longer carries, the residual of the shared key at `kept` pairs
+    and the whole key at the others (written over `k`, whose storage it takes)."""
     is_kept = torch.zeros(re.shape[0], dtype=torch.bool)
     is_kept[kept] = True
     k_nope_c = torch.where(is_kept[None, :, None], resid, to_complex(k, re, im))
+    k[:, re], k[:, im] = k_nope_c.real, k_nope_c.imag
+    return k
+
+
+def nope_queries(q, beta, re, im) -> torch.Tensor:
+    """(nh, hd, D): the queries of the un-rotated part, each pair scaled by beta."""
     q_nope_c = to_complex(q, re, im) * beta[None, :, None]
-    k_nope, q_nope = k.clone(), q.clone()
-    k_nope[:, re], k_nope[:, im] = k_nope_c.real, k_nope_c.imag
+    q_nope = q.clone()
     q_nope[:, re], q_nope[:, im] = q_nope_c.real, q_nope_c.imag
-    return k_nope, q_nope
+    return q_nope
 
 
 def gram_eigenvalues(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -433,8 +466,7 @@ def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: st
     dropped_cost = (1 - beta**2) * (energy_q * query_energy(k, cov, re, im, None)).sum(0)  # (F,)
     kept_cost = (1 - beta**2) * (energy_q * query_energy(from_complex(resid, re, im, hd), cov, re, im, None)).sum(0)
     score = _energy(_query_roots(q, cov) @ k, cov)
-    _, q_nope = nope_remainder(q, k, resid, beta, torch.arange(0), re, im)
-    key_blocks = _query_roots(q_nope, cov) / math.sqrt(score)
+    key_blocks = _query_roots(nope_queries(q, beta, re, im), cov) / math.sqrt(score)
     values = _value_rows(v, o, cov)
     out = {}
     for pairs in pair_counts:
@@ -443,7 +475,7 @@ def latent_rope_errors(q, k, v, o, cov, theta, pair_counts, *, rope_strategy: st
         is_kept = torch.zeros_like(dropped_cost, dtype=torch.bool)
         is_kept[kept] = True
         lost = float(torch.where(is_kept, kept_cost, dropped_cost).sum()) / score
-        k_nope, _ = nope_remainder(q, k, resid, beta, kept, re, im)
+        k_nope = nope_keys(k.clone(), resid, kept, re, im)
         out[pairs] = lost + _tail(torch.cat([key_blocks @ k_nope, values]).reshape(2 * nh * hd, D), cov)
     return out
 
@@ -487,27 +519,35 @@ def head_norm_scale(w: torch.Tensor, cov: torch.Tensor, eps: float) -> torch.Ten
     return (energy.clamp(min=0) + eps).rsqrt()
 
 
-def normalised_head_views(weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor, norm_eps: float,
-                          o_float64: bool = True):
-    """`head_views` (q, k, v, o) of the keys and queries the hosted class factors, and the key-norm
-    gain per source KV head (None without q/k-norm): with per-head RMSNorms, what the norms output
-    on average (their per-token deviation is cached)."""
-    q, k, v, o = head_views(weights, layout, o_float64)
+def norm_gains(weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor,
+               norm_eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """With per-head q/k RMSNorms, what they multiply each query head and source KV head by on
+    average (`head_norm_scale`; their per-token deviation is cached); None without q/k-norm."""
     if weights.k_norm is None:
-        return q, k, v, o, None
+        return None
+    q, k = query_key_views(weights, layout)
+    return head_norm_scale(q, cov, norm_eps), head_norm_scale(k[:: layout.group_size], cov, norm_eps)
+
+
+def normalised_head_views(weights: AttentionWeights, layout: AttentionLayout, gains, o_float64: bool = True):
+    """`head_views` (q, k, v, o) of the keys and queries the hosted class factors: with q/k-norm,
+    scaled by `norm_gains` and the norms' weights."""
+    q, k, v, o = head_views(weights, layout, o_float64)
+    if gains is None:
+        return q, k, v, o
     f64 = torch.float64
-    q_gain = head_norm_scale(q, cov, norm_eps)
-    k_gain = head_norm_scale(k[:: layout.group_size], cov, norm_eps)
-    q = q * q_gain[:, None, None] * weights.q_norm.to(f64)[None, :, None]
-    k = k * k_gain.repeat_interleave(layout.group_size)[:, None, None] * weights.k_norm.to(f64)[None, :, None]
-    return q, k, v, o, k_gain
+    q_gain, k_gain = gains
+    q = q.mul_(q_gain[:, None, None] * weights.q_norm.to(f64)[None, :, None])
+    k = k.mul_(k_gain.repeat_interleave(layout.group_size)[:, None, None] * weights.k_norm.to(f64)[None, :, None])
+    return q, k, v, o
 
 
 def latent_rope_layer_errors(weights: AttentionWeights, layout: AttentionLayout, theta: torch.Tensor,
                              cov: torch.Tensor, pair_counts, *, rope_strategy: str = "rotate", context: int = 512,
                              rope_layout: str = "half", norm_eps: float = 1e-6) -> dict[int, torch.Tensor]:
     """`latent_rope_errors` of one source layer, on what `convert_attention_latent_rope` factors."""
-    q, k, v, o, _ = normalised_head_views(weights, layout, cov.to(torch.float64), norm_eps)
+    cov = cov.to(torch.float64)
+    q, k, v, o = normalised_head_views(weights, layout, norm_gains(weights, layout, cov, norm_eps))
     re, im = pair_indices(layout.head_dim, rope_layout)
     return latent_rope_errors(q, k, v, o, cov.to(torch.float64), theta, pair_counts, rope_strategy=rope_strategy,
                               context=context, re=re, im=im)
@@ -537,18 +577,18 @@ def convert_attention_latent_rope(weights: AttentionWeights, layout: AttentionLa
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
     re, im = pair_indices(hd, rope_layout)
     P = rope_dim // 2
-    q, k, v, o, k_gain = normalised_head_views(weights, layout, cov, norm_eps, o_float64=False)
-    views = [q, k, v, o]
-    del q, k, v, o  # shared_rope_latent drops each once used
+    gains = norm_gains(weights, layout, cov, norm_eps)
     tensors: dict[str, torch.Tensor] = {}
-    if k_gain is not None:
+    if gains is not None:
+        k_gain = gains[1]
         tensors["q_norm"] = weights.q_norm
         tensors["k_norm_proj.weight"] = weights.k_w
         if weights.k_b is not None:
             tensors["k_norm_proj.bias"] = weights.k_b
         tensors["key_scale_mean"] = 1 / k_gain
-    rope = shared_rope_latent(views, cov, theta, P, rank, init=init, rope_strategy=rope_strategy,
-                              context=context, re=re, im=im, rope_window=rope_window)
+    rope = shared_rope_latent(lambda: normalised_head_views(weights, layout, gains, o_float64=False), cov, theta, P,
+                              rank, init=init, rope_strategy=rope_strategy, context=context, re=re, im=im,
+                              rope_window=rope_window)
     nope_scale = torch.ones(hd, dtype=f64)
     nope_scale[re] = nope_scale[im] = rope.beta
     fold = rope.folds.conj()[:, rope.kept]  # (nh, P) complex, applied to the source's query
@@ -583,7 +623,7 @@ def convert_attention_latent(weights: AttentionWeights, layout: AttentionLayout,
     f64 = torch.float64
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
     q, k, v, o = head_views(weights, layout)
-    down, up = joint_latent(k, v, q, o, cov, rank, init)
+    down, up = joint_latent(lambda: (k, v), row_weighting(q, o, cov, init), cov, rank, init)
     kv_b = torch.cat([up[: nh * hd].reshape(nh, hd, rank), up[nh * hd:].reshape(nh, hd, rank)], dim=1)
     dtype = weights.q_w.dtype
     return {"kv_a_weight": down[:, :d].to(dtype).contiguous(), "kv_a_bias": down[:, d].to(dtype).contiguous(),
@@ -627,8 +667,7 @@ def convert_attention_mla(
     re, im = pair_indices(hd, rope_layout)
     P = shape.rope_dim // 2
 
-    # (nh, hd, D) x3 and (nh, d_out, hd), handed over (see shared_rope_latent)
-    rope = shared_rope_latent(list(head_views(weights, layout, o_float64=False)), cov, theta, P, shape.kv_rank,
+    rope = shared_rope_latent(lambda: head_views(weights, layout, o_float64=False), cov, theta, P, shape.kv_rank,
                               init=init, rope_strategy=rope_strategy, context=context, re=re, im=im,
                               rope_window=rope_window)
     start, stride, down = rope.start, rope.stride, rope.down
@@ -662,10 +701,12 @@ def convert_attention_mla(
     # queries: [q_nope (hd) ; q_rope (2P, interleaved)] per head, rescaled to the source temperature
     scale_src = source_scaling if source_scaling is not None else hd**-0.5
     temperature = scale_src / (hd + 2 * P) ** -0.5
+    q = query_views(weights, layout)  # (nh, hd, D), made again now that the latent's work is done
     q_full = torch.empty(nh, hd + 2 * P, D, dtype=f64)
-    torch.mul(rope.q_nope, temperature, out=q_full[:, :hd])
-    rope.q_nope = None
-    q_full[:, hd::2], q_full[:, hd + 1::2] = rope.q_rope.real, rope.q_rope.imag  # interleaved pairs
+    torch.mul(nope_queries(q, rope.beta, re, im), temperature, out=q_full[:, :hd])
+    q_rope = to_complex(q, re, im)[:, rope.kept] * rope.folds.conj()[:, rope.kept, None]  # (nh, P, D)
+    del q
+    q_full[:, hd::2], q_full[:, hd + 1::2] = q_rope.real, q_rope.imag  # interleaved pairs
     q_full[:, hd:] *= temperature
     q_full = q_full.reshape(nh * (hd + 2 * P), D)
 
