@@ -131,6 +131,21 @@ def row_energy(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return torch.stack([((m @ cov) * m).sum(-1) for m in flat]).reshape(w.shape[:-1])
 
 
+def group_views(weights: AttentionWeights, layout: AttentionLayout, heads: torch.Tensor):
+    """`head_views` (float64 q, k, v, o) of the query heads `heads` only, in that order."""
+    f64 = torch.float64
+    hd = layout.head_dim
+    rows = (heads[:, None] * hd + torch.arange(hd)).flatten()  # their q_proj rows, o_proj columns
+    kv_rows = ((heads // layout.group_size)[:, None] * hd + torch.arange(hd)).flatten()
+
+    def aug(w, b, r):
+        return _augmented(w[r].to(f64), None if b is None else b[r].to(f64)).reshape(len(heads), hd, -1)
+
+    o = weights.o_w[:, rows].to(f64).reshape(-1, len(heads), hd).permute(1, 0, 2)
+    return (aug(weights.q_w, weights.q_b, rows), aug(weights.k_w, weights.k_b, kv_rows),
+            aug(weights.v_w, weights.v_b, kv_rows), o)
+
+
 def head_views(weights: AttentionWeights, layout: AttentionLayout, o_float64: bool = True):
     """Per query head, float64, acting on the input augmented with a constant 1: q, k, v
     (num_heads, hd, D) - a GQA source's KV heads repeated for each query head that reads them -
@@ -289,8 +304,6 @@ def convert_attention(
 
     if method == "mean":
         return _mean_merge(weights, layout, kv_heads, order)
-    q, k, v, o = (t[order].contiguous() for t in head_views(weights, layout))  # query heads regrouped
-
     if cov is None:
         cov = torch.eye(d + 1, dtype=f64)
     cov = cov.to(f64)
@@ -301,36 +314,40 @@ def convert_attention(
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
     if q_norm is not None and len(free):
         raise ConversionError("q/k-norm models with un-rotated head dims are not supported.")
-    energy = query_energy(q, cov, re, im, q_norm)
 
+    # One group at a time, its members' float64 views made from the stored weights (all heads' views
+    # are 512 MiB at 7B); the merged tensors are collected per group.
     size = nh // kv_heads
-    new_k, new_v = [], []
+    new_q, new_k, new_v, new_o = [], [], [], []
     for g in range(kv_heads):
-        sl = slice(g * size, (g + 1) * size)
-        if _identical(k[sl]) and _identical(v[sl]):
-            new_k.append(k[sl][0])
-            new_v.append(v[sl][0])
+        q, k, v, o = group_views(weights, layout, order[g * size:(g + 1) * size])  # query heads regrouped
+        if _identical(k) and _identical(v):
+            new_k.append(k[0])
+            new_v.append(v[0])
         else:
-            shared_k = torch.zeros_like(k[sl][0])
+            energy = query_energy(q, cov, re, im, q_norm)
+            shared_k = torch.zeros_like(k[0])
             if len(re):
-                kc = to_complex(k[sl], re, im)
-                shared_c, folds = merge_keys_aware(kc, energy[sl], cov, phase_only=q_norm is not None)
+                kc = to_complex(k, re, im)
+                shared_c, folds = merge_keys_aware(kc, energy, cov, phase_only=q_norm is not None)
                 shared_k[torch.cat([re, im])] = from_complex(shared_c, re, im, hd)[torch.cat([re, im])]
-                qc = to_complex(q[sl], re, im) * folds.conj()[:, :, None]
-                q[sl] = torch.where(rotated[None, :, None], from_complex(qc, re, im, hd), q[sl])
+                qc = to_complex(q, re, im) * folds.conj()[:, :, None]
+                q = torch.where(rotated[None, :, None], from_complex(qc, re, im, hd), q)
             if len(free):
-                shared_free, maps = merge_keys_free(k[sl][:, free], q[sl][:, free], cov)
+                shared_free, maps = merge_keys_free(k[:, free], q[:, free], cov)
                 shared_k[free] = shared_free
-                q[sl][:, free] = torch.einsum("rjk,rkd->rjd", maps, q[sl][:, free])
+                q[:, free] = torch.einsum("rjk,rkd->rjd", maps, q[:, free])
             new_k.append(shared_k)
-            shared_v, maps = merge_values_aware(v[sl], o[sl], cov)
+            shared_v, maps = merge_values_aware(v, o, cov)
             new_v.append(shared_v)
-            o[sl] = torch.einsum("rok,rjk->roj", o[sl], maps)  # Wo_i <- Wo_i M_i^T
+            o = torch.einsum("rok,rjk->roj", o, maps)  # Wo_i <- Wo_i M_i^T
+        new_q.append(q.reshape(size * hd, d + 1).to(out_dtype))
+        new_o.append(o.permute(1, 0, 2).reshape(o.shape[1], size * hd).to(out_dtype))
 
     k_aug = torch.stack(new_k).reshape(kv_heads * hd, d + 1)
     v_aug = torch.stack(new_v).reshape(kv_heads * hd, d + 1)
-    q_aug = q.reshape(nh * hd, d + 1)
-    o_w = o.permute(1, 0, 2).reshape(-1, nh * hd)
+    q_aug = torch.cat(new_q)
+    o_w = torch.cat(new_o, dim=1)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(out_dtype).contiguous()
