@@ -205,8 +205,7 @@ def merge_keys_aware(
     Minimises sum_i E_f[s_if^2 |k_i - a_i k_g|^2] with s_if^2 the query energy of head i.
     """
     s = energy.clamp(min=1e-12 * energy.max().clamp(min=1e-30)).sqrt()  # (r, F)
-    # gram[f] = conj(K_f) cov K_f^T, one frequency at a time (cov is real: no complex copy of it)
-    gram = torch.stack([torch.complex(m.real @ cov, m.imag @ cov).conj() @ m.T for m in k_members.unbind(1)])
+    gram = frequency_grams(k_members, cov)
     s_f = s.T.to(gram.dtype)  # (F, r)
     weighted = s_f[:, :, None] * gram * s_f[:, None, :]
     _, vecs = torch.linalg.eigh(weighted)
@@ -400,6 +399,21 @@ def _opt64(t: torch.Tensor | None) -> torch.Tensor | None:
 # regrouping: which query heads share a KV head is a free choice
 
 
+def frequency_grams(kc: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """(F, r, r): gram[f] = conj(K_f) cov K_f^T for complex per-frequency rows kc (r, F, D), one
+    frequency at a time (cov is real: no complex copy of it)."""
+    r, F, _ = kc.shape
+    if F == 0:  # no RoPE
+        return kc.new_zeros(0, r, r)
+    return torch.stack([torch.complex(m.real @ cov, m.imag @ cov).conj() @ m.T for m in kc.unbind(1)])
+
+
+def _subspace_gram(members, weights_sqrt, cov) -> torch.Tensor:
+    """(nh, nh, n, n): cross-covariances of the weighted outputs of every pair of heads."""
+    yb = torch.stack([m.T @ w for m, w in zip(members, weights_sqrt)])  # (nh, D, n)
+    return torch.einsum("adk,de,bel->abkl", yb, cov, yb)
+
+
 def pairwise_merge_cost(
     weights: AttentionWeights, layout: AttentionLayout, cov: torch.Tensor | None, rope_layout: str = "half"
 ) -> torch.Tensor:
@@ -413,27 +427,29 @@ def pairwise_merge_cost(
     d = weights.q_w.shape[1]
     f64 = torch.float64
     cov = torch.eye(d + 1, dtype=f64) if cov is None else cov.to(f64)
-    q, k, v, o = head_views(weights, layout)
     re, im = pair_indices(hd, rope_layout)
     q_norm = None if weights.q_norm is None else weights.q_norm.to(f64)
-    s = query_energy(q, cov, re, im, q_norm).sqrt()  # (nh, F)
-    kc = to_complex(k, re, im) * s[:, :, None]
-    k_gram = torch.einsum("afd,de,bfe->fab", kc.conj(), cov.to(kc.dtype), kc)  # (F, nh, nh)
-    k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
     free = free_indices(hd, rope_layout)
+    # the views one at a time where they can be (each is 128 MiB of float64 at 7B)
+    q, k = query_key_views(weights, layout)
+    s = query_energy(q, cov, re, im, q_norm).sqrt()  # (nh, F)
+    kf_gram = _subspace_gram(k[:, free], [sym_sqrt(qi @ cov @ qi.T)[0] for qi in q[:, free]], cov) if len(free) else None
+    del q
+    k_gram = frequency_grams(to_complex(k, re, im) * s[:, :, None], cov)  # (F, nh, nh)
+    del k
+    k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
+    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    o = weights.o_w.reshape(-1, nh, hd).permute(1, 0, 2)  # as stored; per head in float64 below
+    v_gram = _subspace_gram(v, [sym_sqrt(oi.to(f64).T @ oi.to(f64))[0] for oi in o], cov)
+    del v
 
-    def subspace_gram(members, weights_sqrt):  # (nh, nh, n, n): cross-covariances of weighted outputs
-        yb = torch.stack([m.T @ w for m, w in zip(members, weights_sqrt)])  # (nh, D, n)
-        return torch.einsum("adk,de,bel->abkl", yb, cov, yb)
 
     def residual(gram, a, b):  # energy outside the best shared subspace of one head's size
         n = gram.shape[-1]
         block = torch.cat([torch.cat([gram[a, a], gram[a, b]], 1), torch.cat([gram[b, a], gram[b, b]], 1)], 0)
         return torch.linalg.eigvalsh(block)[:n].clamp(min=0).sum()
 
-    v_gram = subspace_gram(v, [sym_sqrt(oi.T @ oi)[0] for oi in o])
     v_total = torch.einsum("aakk->", v_gram)
-    kf_gram = subspace_gram(k[:, free], [sym_sqrt(qi @ cov @ qi.T)[0] for qi in q[:, free]]) if len(free) else None
     k_total = k_diag.sum() + (torch.einsum("aakk->", kf_gram) if kf_gram is not None else 0)
     cost = torch.zeros(nh, nh, dtype=f64)
     for a in range(nh):
