@@ -10,6 +10,7 @@ shards once (`cat` to /dev/null) measured in the same run.
     python benchmarks/convert_memory.py                          # 1.1B-shaped (16 x 2048), 2GB vs 200MB shards
     python benchmarks/convert_memory.py --shape 7b --shards 2GB  # 32 x 4096, ~13 GB of bf16 shards
     python benchmarks/convert_memory.py --calibrated            # --to mla --kv-budget 0.25, 8 x 128 calibration tokens
+    python benchmarks/convert_memory.py --calibrated --target gqa --kv-heads 8   # aware GQA, the same calibration
     python benchmarks/convert_memory.py --shape 7b-4layers --calibrated --shards 2GB   # 7B's layers, 4 of them
     KVSLIM_CODE=/path/to/other/checkout python benchmarks/convert_memory.py   # another kvslim, side by side
 """
@@ -114,8 +115,10 @@ def measured(cmd: list[str], env: dict) -> dict:
 
 def convert_args(args) -> list[str]:
     if args.calibrated:  # calibration text and a tokenizer written beside the checkpoint
-        return ["--to", "mla", "--kv-budget", "0.25", "--calib-data", str(args.calib_file), "--calib-samples",
-                str(CALIB_SAMPLES), "--calib-seq-len", str(CALIB_SEQ_LEN), "--refine-steps", str(args.refine_steps)]
+        target = ["--to", "mla", "--kv-budget", "0.25"] if args.target == "mla" else ["--to", "gqa", "--kv-heads",
+                                                                                     str(args.kv_heads)]
+        return [*target, "--calib-data", str(args.calib_file), "--calib-samples", str(CALIB_SAMPLES),
+                "--calib-seq-len", str(CALIB_SEQ_LEN), "--refine-steps", str(args.refine_steps)]
     return ["--to", "gqa", "--kv-heads", str(args.kv_heads), "--method", "mean"]
 
 
@@ -147,7 +150,9 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--work", default=None, help="keep the synthetic checkpoint here and reuse it")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--calibrated", action="store_true", help="--to mla --kv-budget 0.25 with calibration")
+    parser.add_argument("--calibrated", action="store_true", help="a calibrated conversion (--target)")
+    parser.add_argument("--target", default="mla", choices=["mla", "gqa"],
+                        help="of --calibrated: --to mla --kv-budget 0.25, or --to gqa --kv-heads K (aware, the default)")
     parser.add_argument("--refine-steps", type=int, default=5, help="refinement steps of --calibrated")
     args = parser.parse_args()
     codes = {"this checkout": None}
@@ -190,7 +195,8 @@ def main() -> None:
     result = {"machine": machine(), "shape": args.shape, "checkpoint_bytes": total, "layer_bytes": layer_bytes,
               "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "rows": rows, "calibrated": args.calibrated,
               "command": [a if a != str(getattr(args, "calib_file", "")) else "CALIB.txt" for a in convert_args(args)]}
-    name = args.name or f"convert_memory_{args.shape}{'_calibrated' if args.calibrated else ''}"
+    suffix = ("_calibrated" + ("" if args.target == "mla" else "_gqa")) if args.calibrated else ""
+    name = args.name or f"convert_memory_{args.shape}{suffix}"
     print(save_results(name, result, markdown))
 
 
