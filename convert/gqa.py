@@ -118,6 +118,11 @@ def query_views(weights: AttentionWeights, layout: AttentionLayout) -> torch.Ten
     return q.reshape(layout.num_heads, layout.head_dim, -1)
 
 
+def value_views(weights: AttentionWeights, layout: AttentionLayout) -> torch.Tensor:
+    """v of `head_views` alone."""
+    return _virtual_heads(_augmented(weights.v_w.to(torch.float64), _opt64(weights.v_b)), layout)
+
+
 def query_key_views(weights: AttentionWeights, layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k of `head_views` alone."""
     k = _virtual_heads(_augmented(weights.k_w.to(torch.float64), _opt64(weights.k_b)), layout)
@@ -139,7 +144,7 @@ def group_views(weights: AttentionWeights, layout: AttentionLayout, heads: torch
     kv_rows = ((heads // layout.group_size)[:, None] * hd + torch.arange(hd)).flatten()
 
     def aug(w, b, r):
-        return _augmented(w[r].to(f64), None if b is None else b[r].to(f64)).reshape(len(heads), hd, -1)
+        return _augmented(w[r].to(f64), _opt64(None if b is None else b[r])).reshape(len(heads), hd, -1)
 
     o = weights.o_w[:, rows].to(f64).reshape(-1, len(heads), hd).permute(1, 0, 2)
     return (aug(weights.q_w, weights.q_b, rows), aug(weights.k_w, weights.k_b, kv_rows),
@@ -154,7 +159,7 @@ def head_views(weights: AttentionWeights, layout: AttentionLayout, o_float64: bo
     f64 = torch.float64
     nh, hd = layout.num_heads, layout.head_dim
     q, k = query_key_views(weights, layout)
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    v = value_views(weights, layout)
     o = (weights.o_w.to(f64) if o_float64 else weights.o_w).reshape(-1, nh, hd).permute(1, 0, 2)
     return q, k, v, o
 
@@ -438,7 +443,7 @@ def pairwise_merge_cost(
     k_gram = frequency_grams(to_complex(k, re, im) * s[:, :, None], cov)  # (F, nh, nh)
     del k
     k_diag = k_gram.diagonal(dim1=1, dim2=2).real  # (F, nh)
-    v = _virtual_heads(_augmented(weights.v_w.to(f64), _opt64(weights.v_b)), layout)
+    v = value_views(weights, layout)
     o = weights.o_w.reshape(-1, nh, hd).permute(1, 0, 2)  # as stored; per head in float64 below
     v_gram = _subspace_gram(v, [sym_sqrt(oi.to(f64).T @ oi.to(f64))[0] for oi in o], cov)
     del v
