@@ -157,10 +157,21 @@ class LayerwiseRunner:
         self.layers_path = adapter.layers_path
         self.layers: nn.ModuleList = self.model.get_submodule(adapter.layers_path)
         self.prefix = f"{adapter.base_path}." if adapter.base_path else ""
-        self._materialise(self.base, exclude=adapter.layers_path[len(self.prefix):])
+        layers_name = adapter.layers_path[len(self.prefix):]
+        # Plain lookup tables stay in the checkpoint's dtype and their outputs are cast: the same
+        # float32 values as a float32 table, which would be 2 GiB at a 128K vocabulary (subclasses,
+        # e.g. a scaled embedding that multiplies in the weight's dtype, are loaded in float32)
+        lookups = {name for name, m in self.base.named_modules()
+                   if type(m) is nn.Embedding and not name.startswith(layers_name + ".")}
+        self._materialise(self.base, exclude=layers_name, stored_dtype={f"{n}.weight" for n in lookups})
+        casts = [self.base.get_submodule(n).register_forward_hook(lambda m, args, out: out.float()) for n in lookups]
         # what the model gives each layer (masks, positions), and layer 0's input: the embeddings,
         # learned positions included, for every calibration batch
-        self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
+        try:
+            self.layer_kwargs, self.hidden = self._capture_layer_inputs(input_ids)
+        finally:
+            for handle in casts:
+                handle.remove()
         # only the capture needs the embeddings (250 MiB in float32 at 1.1B): their weights go back
         # to the meta device; buffers (rotary frequencies) stay
         from accelerate.utils import set_module_tensor_to_device
@@ -170,7 +181,10 @@ class LayerwiseRunner:
                 set_module_tensor_to_device(self.base, name, "meta")
 
     def _materialise(self, module: nn.Module, exclude: str | None = None, prefix: str | None = None,
-                     overrides: dict[str, torch.Tensor] | None = None, recurse: bool = True) -> None:
+                     overrides: dict[str, torch.Tensor] | None = None, recurse: bool = True,
+                     stored_dtype: set[str] = frozenset()) -> None:
+        """Load `module`'s parameters (from `overrides`, else the checkpoint) in float32, those named
+        in `stored_dtype` (read-only ones) as the checkpoint stores them."""
         from accelerate.utils import set_module_tensor_to_device
 
         prefix = self.prefix if prefix is None else prefix
@@ -180,6 +194,9 @@ class LayerwiseRunner:
                 continue
             key = prefix + name
             value = overrides[key] if key in overrides else self._weight(key)
+            if name in stored_dtype:
+                set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
+                continue
             # always a copy: refinement updates the loaded weights in place, and neither the caller's
             # tensors nor cached checkpoint weights may change with them
             set_module_tensor_to_device(module, name, self.device, value=value.to(torch.float32, copy=True))

@@ -252,6 +252,31 @@ def test_a_layer_pass_loads_each_projection_on_call_and_falls_back_where_a_modul
     assert all(p.is_meta for p in layer.parameters())
 
 
+def test_the_calibration_stream_starts_from_float32_embeddings_looked_up_in_the_stored_dtype(save_model, text_file):
+    """The embedding table stays in the checkpoint's dtype while the first layer's inputs are
+    captured (a 128K-vocabulary table is 2 GiB in float32), and the stream still starts from
+    exactly the float32 embeddings."""
+    from kvslim.convert.adapters import get_adapter
+    from kvslim.convert.calibration import LayerwiseRunner, calibration_windows
+    from kvslim.convert.sources import open_source
+
+    model = make_model("llama").to(torch.bfloat16)
+    source = open_source(str(save_model(model, "llama")), None)
+    ids, _ = calibration_windows(source, str(text_file), 4, 32)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: seen.append(m.weight.dtype) if isinstance(m, torch.nn.Embedding) else None)
+    try:
+        runner = LayerwiseRunner(source, ids, adapter=get_adapter("llama"))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    table = model.model.embed_tokens.weight.detach().float()
+    got = torch.cat(runner.hidden)
+    assert got.dtype == torch.float32 and torch.equal(got, table[ids])
+    assert runner.base.embed_tokens.weight.is_meta  # and it goes after the capture
+
+
 def test_lean_adam_follows_torch_adam_with_bfloat16_moments():
     """Refinement's Adam keeps its moments in bfloat16 (half the state of a 7B layer): over 30 steps of a
     noisy least-squares fit, with a slice smaller than the tensor so the sliced update runs, it stays
