@@ -270,9 +270,10 @@ def merge_keys_free(
 # ----------------------------------------------------------------------------------------------
 
 
-def _identical(members: torch.Tensor) -> bool:
-    """All of a group's members are the same tensor: their merge is that tensor, bit-exact."""
-    return bool((members == members[:1]).all())
+def _identical(members) -> bool:
+    """All of a group's members (a stacked tensor or a list) are the same tensor: their merge is that
+    tensor, bit-exact. (torch.equal stops at the first member that differs.)"""
+    return all(torch.equal(members[0], m) for m in members[1:])
 
 
 def convert_attention(
@@ -379,10 +380,20 @@ def _mean_merge(weights: AttentionWeights, layout: AttentionLayout, kv_heads: in
     def pooled(w: torch.Tensor | None) -> torch.Tensor | None:
         if w is None:
             return None
-        heads = w.reshape(layout.num_kv_heads, hd, -1)[kv_of_head[order]].to(torch.float64)
-        members = heads.reshape(kv_heads, nh // kv_heads, hd, -1)
-        merged = torch.stack([m[0] if _identical(m) else m.mean(0) for m in members])
-        return merged.reshape(kv_heads * hd, *w.shape[1:]).to(w.dtype).contiguous()
+        heads = w.reshape(layout.num_kv_heads, hd, -1)
+        merged = torch.empty(kv_heads, hd, heads.shape[-1], dtype=w.dtype)
+        # A group at a time, compared in the stored dtype and averaged in float64 in one buffer that
+        # every group reuses: a fresh float64 copy of the projection (128 MiB at 7B) cost ten times
+        # the mean itself in page faults.
+        buffer = torch.empty(nh // kv_heads, hd, heads.shape[-1], dtype=torch.float64)
+        for g, members in enumerate(kv_of_head[order].reshape(kv_heads, -1).tolist()):
+            if _identical([heads[h] for h in members]):
+                merged[g] = heads[members[0]]
+                continue
+            for slot, h in enumerate(members):
+                buffer[slot].copy_(heads[h])
+            merged[g] = buffer.mean(0)
+        return merged.reshape(kv_heads * hd, *w.shape[1:])
 
     def by_head(w: torch.Tensor | None, dim: int) -> torch.Tensor | None:
         if w is None or not regrouped:
