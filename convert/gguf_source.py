@@ -81,5 +81,9 @@ class GGUFTensorReader:
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32  # dequantised
 
+    def prefetch(self, names) -> None:
+        """Nothing read ahead: a quantised file is a fraction of the model's size, and dequantising
+        it, not reading it, is what a GGUF source's tensors cost."""
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

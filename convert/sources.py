@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, KeysView, Protocol
+from typing import Iterable, Iterator, KeysView, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,6 +38,7 @@ class TensorReader(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
     def dtype(self, name: str) -> torch.dtype: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def prefetch(self, names: Iterable[str]) -> None: ...
 
 
 class SafetensorsReader:
@@ -46,6 +47,7 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}  # (of `prefetch`) read when first needed
         for path in files:
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -79,6 +81,40 @@ class SafetensorsReader:
         """From the file's header: no tensor data is read."""
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Have the kernel start reading these tensors from the disk (posix_fadvise WILLNEED) and
+        return at once: the disk then reads the next layer while this one is converted and written,
+        where `get` alone would fault its pages in one small readahead window at a time. Only a
+        hint: the bytes go to the page cache, not to this process's memory."""
+        if not hasattr(os, "posix_fadvise"):  # (not on macOS or Windows)
+            return
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for name in names:
+            path = self._where[name]
+            start, end = self._byte_ranges(path)[name]
+            by_file.setdefault(path, []).append((start, end - start))
+        for path, ranges in by_file.items():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for offset, length in ranges:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def _byte_ranges(self, path: Path) -> dict[str, tuple[int, int]]:
+        """Where each tensor's bytes lie in the file (the format: an 8-byte header length, the JSON
+        header, then the data that its offsets are relative to)."""
+        ranges = self._ranges.get(path)
+        if ranges is None:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            base = 8 + size
+            ranges = {name: (base + e["data_offsets"][0], base + e["data_offsets"][1])
+                      for name, e in header.items() if name != "__metadata__"}
+            self._ranges[path] = ranges
+        return ranges
+
 
 _SAFETENSORS_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # header code -> dtype
 
@@ -94,6 +130,9 @@ class DictReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Nothing to read ahead: the tensors are in memory."""
 
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
