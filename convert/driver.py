@@ -139,9 +139,19 @@ def write_layer(job: Job, index: int, layer, writer) -> None:
         if layer.in_place and name in pending:
             writer.add(name, cast(pending.pop(name), out_dtype))
         elif not layer.drops(name):
-            writer.add(job.adapter.output_name(name), cast(src.reader.get(name), out_dtype))
+            writer.add(job.adapter.output_name(name), kept(job, name))
     for name, tensor in pending.items():
         writer.add(name, cast(tensor, out_dtype))
+
+
+def kept(job: Job, name: str):
+    """A source tensor that goes out unchanged: its stored bytes, which the writer has the kernel
+    copy, where the output keeps its dtype; else the tensor, cast."""
+    out_dtype = job.settings.out_dtype
+    stored = job.src.reader.stored(name)
+    if stored is not None and (out_dtype is None or stored.dtype == out_dtype or not stored.dtype.is_floating_point):
+        return stored
+    return cast(job.src.reader.get(name), out_dtype)
 
 
 def copy_non_layer_tensors(job: Job, writer) -> None:
@@ -151,7 +161,7 @@ def copy_non_layer_tensors(job: Job, writer) -> None:
     names = [name for name in job.src.reader.keys() if not name.startswith(layer_prefixes)]
     job.src.reader.prefetch(names)
     for name in names:
-        writer.add(adapter.output_name(name), cast(job.src.reader.get(name), job.settings.out_dtype))
+        writer.add(adapter.output_name(name), kept(job, name))
 
 
 def save(job: Job, method: ConversionMethod, config, record: ConversionRecord, tmp, started: float) -> None:

@@ -85,5 +85,8 @@ class GGUFTensorReader:
         """Nothing read ahead: a quantised file is a fraction of the model's size, and dequantising
         it, not reading it, is what a GGUF source's tensors cost."""
 
+    def stored(self, name: str) -> None:
+        return None  # stored quantised: never the bytes of the output
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..compat import http_errors
 from .errors import ConversionError
-from .writer import SAFETENSORS_DTYPES
+from .writer import SAFETENSORS_DTYPES, StoredTensor
 
 # Files copied from a source directory unchanged: tokenizer, chat template, processor files.
 _PASSTHROUGH = re.compile(
@@ -39,6 +39,7 @@ class TensorReader(Protocol):
     def dtype(self, name: str) -> torch.dtype: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def prefetch(self, names: Iterable[str]) -> None: ...
+    def stored(self, name: str) -> StoredTensor | None: ...
 
 
 class SafetensorsReader:
@@ -47,7 +48,7 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
-        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}  # (of `prefetch`) read when first needed
+        self._stored: dict[Path, dict[str, StoredTensor]] = {}  # each file's header, read when first needed
         for path in files:
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -90,9 +91,8 @@ class SafetensorsReader:
             return
         by_file: dict[Path, list[tuple[int, int]]] = {}
         for name in names:
-            path = self._where[name]
-            start, end = self._byte_ranges(path)[name]
-            by_file.setdefault(path, []).append((start, end - start))
+            stored = self.stored(name)
+            by_file.setdefault(stored.path, []).append((stored.offset, stored.nbytes))
         for path, ranges in by_file.items():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -101,19 +101,20 @@ class SafetensorsReader:
             finally:
                 os.close(fd)
 
-    def _byte_ranges(self, path: Path) -> dict[str, tuple[int, int]]:
-        """Where each tensor's bytes lie in the file (the format: an 8-byte header length, the JSON
-        header, then the data that its offsets are relative to)."""
-        ranges = self._ranges.get(path)
-        if ranges is None:
+    def stored(self, name: str) -> StoredTensor:
+        """Where the tensor's bytes lie in its file (the format: an 8-byte header length, the JSON
+        header, then the data that the header's offsets are relative to)."""
+        path = self._where[name]
+        if path not in self._stored:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             base = 8 + size
-            ranges = {name: (base + e["data_offsets"][0], base + e["data_offsets"][1])
-                      for name, e in header.items() if name != "__metadata__"}
-            self._ranges[path] = ranges
-        return ranges
+            self._stored[path] = {
+                key: StoredTensor(path, base + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0],
+                                  _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]))
+                for key, e in header.items() if key != "__metadata__"}
+        return self._stored[path][name]
 
 
 _SAFETENSORS_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # header code -> dtype
@@ -133,6 +134,9 @@ class DictReader:
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Nothing to read ahead: the tensors are in memory."""
+
+    def stored(self, name: str) -> None:
+        return None  # (in memory, not in a file)
 
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype

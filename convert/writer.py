@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -123,6 +124,44 @@ SAFETENSORS_DTYPES = {
 HEADER_RESERVE = 128 * 1024  # bytes kept for a shard's header: ~1,000 tensor entries
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor that goes out exactly as a source file stores it: `nbytes` at `offset` of `path`.
+    The writer has the kernel copy those bytes (copy_file_range), so they never pass through this
+    process: a weight-only conversion's untouched MLP and embedding weights are most of its bytes."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+COPY_CHUNK = 64 * 1024**2  # of the copy without copy_file_range
+
+
+def copy_range(src: Path, offset: int, nbytes: int, dst_fd: int, dst_offset: int) -> None:
+    """Copy `nbytes` at `offset` of `src` to `dst_offset` of `dst_fd`: in the kernel where it can
+    (copy_file_range, Linux), else through a 64 MiB buffer."""
+    with open(src, "rb", buffering=0) as f:
+        fd, done = f.fileno(), 0
+        kernel = hasattr(os, "copy_file_range")
+        while done < nbytes:
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(fd, dst_fd, nbytes - done, offset + done, dst_offset + done)
+                except OSError:  # e.g. EXDEV (another file system, older kernels), EOPNOTSUPP
+                    kernel = False
+            if not kernel:
+                chunk = os.pread(fd, min(COPY_CHUNK, nbytes - done), offset + done)
+                n = os.pwrite(dst_fd, chunk, dst_offset + done) if chunk else 0
+            if n == 0:
+                raise ConversionError(f"'{src}' ends before the tensor at byte {offset + done} does: the file "
+                                      "is truncated or corrupt; download it again.")
+            done += n
+
+
 class _ShardFile:
     """One safetensors file written a tensor at a time, each byte once. safetensors puts the header
     (names, shapes, offsets) first, before knowing which tensors follow, so the data goes after a
@@ -138,11 +177,17 @@ class _ShardFile:
         self.nbytes = 0
         self.duplicated = False
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self.file.write(memoryview(raw))
-        size = tensor.numel() * tensor.element_size()
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        if isinstance(tensor, StoredTensor):
+            size = tensor.nbytes
+            self.file.flush()
+            copy_range(tensor.path, tensor.offset, size, self.file.fileno(), 8 + HEADER_RESERVE + self.nbytes)
+            self.file.seek(8 + HEADER_RESERVE + self.nbytes + size)
+        else:
+            tensor = tensor.detach().to("cpu").contiguous()
+            raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+            self.file.write(memoryview(raw))
+            size = tensor.numel() * tensor.element_size()
         self.duplicated |= name in self.entries
         self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.nbytes, self.nbytes + size]}
@@ -200,8 +245,8 @@ class ShardedWriter:
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+    def add(self, name: str, tensor: torch.Tensor | StoredTensor) -> None:
+        nbytes = tensor.nbytes
         try:
             if self._open is not None and self._open.entries and self._open.nbytes + nbytes > self.max_shard_bytes:
                 self._finish_shard()

@@ -170,6 +170,53 @@ def test_read_ahead_asks_for_each_tensors_own_bytes(tmp_path, monkeypatch):
         assert raw[offset:offset + length] == tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes(), name
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_stored_tensors_are_copied_byte_for_byte_between_written_ones(tmp_path, monkeypatch, kernel_copy):
+    """Unchanged source tensors go out as their stored bytes (copy_file_range, or a buffered copy
+    where the kernel cannot), in order with tensors written from memory, across shards; a source
+    that ends early is a clear error."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kvslim.convert.errors import ConversionError
+    from kvslim.convert.sources import SafetensorsReader
+    from kvslim.convert.writer import ShardedWriter
+
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    src = {"big": torch.randn(64, 33), "ids": torch.arange(9), "half": torch.randn(5, 7).to(torch.bfloat16)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    reader = SafetensorsReader([tmp_path / "src.safetensors"])
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardedWriter(out, max_shard_bytes=8000)  # "big" fills a shard of its own
+    made = torch.full((3, 3), 2.5)
+    writer.add("made", made)
+    for name in src:
+        writer.add(name, reader.stored(name))
+    writer.add("made.after", made * 2)
+    files = writer.close()
+    got = {}
+    for f in files:
+        with safe_open(str(out / f), framework="pt") as handle:
+            got.update({k: handle.get_tensor(k) for k in handle.keys()})
+    assert len(files) > 1
+    for name, t in {**src, "made": made, "made.after": made * 2}.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+    stored = reader.stored("big")
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes((tmp_path / "src.safetensors").read_bytes()[:stored.offset + 100])
+    writer = ShardedWriter(tmp_path / "out2")
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(ConversionError, match="truncated"):
+        writer.add("big", type(stored)(truncated, stored.offset, stored.nbytes, stored.dtype, stored.shape))
+
+
 def test_a_name_written_twice_keeps_its_last_tensor(tmp_path):
     from safetensors.torch import load_file
 
