@@ -13,6 +13,11 @@ shards once (`cat` to /dev/null) measured in the same run.
     python benchmarks/convert_memory.py --calibrated --target gqa --kv-heads 8   # aware GQA, the same calibration
     python benchmarks/convert_memory.py --shape 7b-4layers --calibrated --shards 2GB   # 7B's layers, 4 of them
     KVSLIM_CODE=/path/to/other/checkout python benchmarks/convert_memory.py   # another kvslim, side by side
+    python benchmarks/convert_memory.py --shape 7b --shards 2GB --cold   # each timing from a cold page cache (root)
+
+Next to `cat`, the run times copying the shards once (`cp`, then `sync`): the same bytes read and
+written, the floor of any conversion that writes the model out on this disk. Each conversion's
+time is also given with its own `sync`, so that both count the writes that reached the disk.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
     "7b-4layers": (4, 4096, 11008, 32, 32, 32000),  # 7B's layer shape: what bounds a layerwise conversion
     "7b-2layers": (2, 4096, 11008, 32, 32, 32000),
     "1b-2layers": (2, 2048, 5632, 32, 32, 32000),
+    "llama3-8b-2layers": (2, 4096, 14336, 32, 8, 128256),  # Llama-3-8B's layers and 128K vocabulary
 }
 
 
@@ -88,6 +94,22 @@ def _status_kib(pid: int) -> dict:
     return out
 
 
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so that a timing reads from the disk."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        return True
+    except OSError:
+        return False
+
+
+def timed_sync() -> float:
+    started = time.perf_counter()
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - started
+
+
 def measured(cmd: list[str], env: dict) -> dict:
     """Run `cmd`, sampling its RSS; peak values in MiB and the wall time."""
     started = time.perf_counter()
@@ -128,11 +150,21 @@ def markdown(result: dict) -> str:
     lines = [f"# {kind} conversion memory: synthetic {result['shape']} Llama ({size:.2f} GiB of bf16 shards)", "",
              f"`kvslim convert {' '.join(result['command'])}`, each setting in its own "
              "process, side by side in one run. Peak anonymous RSS excludes the mmap'd source pages; "
-             f"reading the shards once (`cat`) took {result['cat_s']:.1f} s.", "",
-             "| code | --max-shard-size | peak RssAnon | peak RSS | wall time | time / cat |", "|---|---|---|---|---|---|"]
+             f"reading the shards once (`cat`) took {result['cat_s']:.1f} s."]
+    copy = result.get("cp_sync_s")  # (older results have no copy baseline)
+    if copy:
+        lines[-1] += (f" Copying them once (`cp`, the same bytes read and written) took {result['cp_s']:.1f} s, "
+                      f"{copy:.1f} s with its `sync`.")
+    lines[-1] += " Each timing started from a cold page cache." if result.get("cold") else ""
+    lines += ["", "| code | --max-shard-size | peak RssAnon | peak RSS | wall time | time / cat |"
+              + (" with sync | / cp with sync |" if copy else ""),
+              "|---|---|---|---|---|---|" + ("---|---|" if copy else "")]
     for r in result["rows"]:
-        lines.append(f"| {r['code']} | {r['shards']} | {r['peak_rss_anon_mib']:,} MiB | {r['peak_rss_mib']:,} MiB "
-                     f"| {r['wall_s']:.1f} s | x{r['wall_s'] / max(result['cat_s'], 1e-9):.1f} |")
+        line = (f"| {r['code']} | {r['shards']} | {r['peak_rss_anon_mib']:,} MiB | {r['peak_rss_mib']:,} MiB "
+                f"| {r['wall_s']:.1f} s | x{r['wall_s'] / max(result['cat_s'], 1e-9):.1f} |")
+        if copy:
+            line += f" {r['wall_sync_s']:.1f} s | x{r['wall_sync_s'] / copy:.2f} |"
+        lines.append(line)
     layer = result["layer_bytes"] / 1024**2
     lines += ["", f"One layer's weights: {layer:,.0f} MiB."]
     if result.get("calibrated"):  # the goal: one layer + the calibration activations (float32) + 1 GiB
@@ -154,6 +186,7 @@ def main() -> None:
     parser.add_argument("--target", default="mla", choices=["mla", "gqa"],
                         help="of --calibrated: --to mla --kv-budget 0.25, or --to gqa --kv-heads K (aware, the default)")
     parser.add_argument("--refine-steps", type=int, default=5, help="refinement steps of --calibrated")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each timing (root only)")
     args = parser.parse_args()
     codes = {"this checkout": None}
     if os.environ.get("KVSLIM_CODE"):
@@ -174,9 +207,22 @@ def main() -> None:
             args.calib_file.write_text(sample_text(20000, seed=3))
         shards = sorted(src.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
+        cold = args.cold and drop_page_cache()
+        if args.cold and not cold:
+            print("--cold: cannot drop the page cache (not root); timings are warm", flush=True)
         started = time.perf_counter()
         subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)
         cat_s = time.perf_counter() - started
+        copy = work / "copy"
+        copy.mkdir(exist_ok=True)
+        if cold:
+            drop_page_cache()
+        started = time.perf_counter()
+        subprocess.run(["cp", *map(str, shards), str(copy)], check=True)
+        cp_s = time.perf_counter() - started
+        cp_sync_s = cp_s + timed_sync()
+        subprocess.run(["rm", "-rf", str(copy)], check=True)
+        print(f"cat {cat_s:.1f} s, cp {cp_s:.1f} s ({cp_sync_s:.1f} s with sync)", flush=True)
         rows = []
         for code, where in codes.items():
             env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -186,14 +232,18 @@ def main() -> None:
                 out = work / "out"
                 cmd = [sys.executable, "-m", "kvslim.cli", "convert", str(src), "-o", str(out), *convert_args(args),
                        "--max-shard-size", shard]
+                if cold:
+                    drop_page_cache()
                 row = {"code": code, "shards": shard, **measured(cmd, env)}
+                row["wall_sync_s"] = round(row["wall_s"] + timed_sync(), 1)
                 print(row, flush=True)
                 rows.append(row)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
     layers, hidden, inter, heads, kv, _ = SHAPES[args.shape]
     layer_bytes = 2 * (2 * hidden * hidden + 2 * hidden * (hidden // heads) * kv + 3 * hidden * inter)
     result = {"machine": machine(), "shape": args.shape, "checkpoint_bytes": total, "layer_bytes": layer_bytes,
-              "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "rows": rows, "calibrated": args.calibrated,
+              "kv_heads": args.kv_heads, "cat_s": round(cat_s, 2), "cp_s": round(cp_s, 2),
+              "cp_sync_s": round(cp_sync_s, 2), "cold": cold, "rows": rows, "calibrated": args.calibrated,
               "command": [a if a != str(getattr(args, "calib_file", "")) else "CALIB.txt" for a in convert_args(args)]}
     suffix = ("_calibrated" + ("" if args.target == "mla" else "_gqa")) if args.calibrated else ""
     name = args.name or f"convert_memory_{args.shape}{suffix}"
