@@ -53,11 +53,8 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
         writer = ShardedWriter(tmp, settings.max_shard_bytes)
         copy_non_layer_tensors(job, writer)
         errors = []
-        src.reader.prefetch(src.layer_names(adapter.prefix(0)))
         for i in tqdm(range(layout.num_layers), desc=method.progress_label(), unit="layer",
                       disable=not settings.progress):
-            if i + 1 < layout.num_layers:  # the disk reads the next layer while this one is converted and written
-                src.reader.prefetch(src.layer_names(adapter.prefix(i + 1)))
             weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             layer = method.convert_layer(i, weights, cov, runner)
@@ -158,10 +155,9 @@ def copy_non_layer_tensors(job: Job, writer) -> None:
     """Embeddings, final norm, head: everything outside the decoder layers goes out unchanged."""
     adapter = job.adapter
     layer_prefixes = tuple(adapter.prefix(i) for i in range(job.layout.num_layers))
-    names = [name for name in job.src.reader.keys() if not name.startswith(layer_prefixes)]
-    job.src.reader.prefetch(names)
-    for name in names:
-        writer.add(adapter.output_name(name), kept(job, name))
+    for name in job.src.reader.keys():
+        if not name.startswith(layer_prefixes):
+            writer.add(adapter.output_name(name), kept(job, name))
 
 
 def save(job: Job, method: ConversionMethod, config, record: ConversionRecord, tmp, started: float) -> None:

@@ -81,10 +81,6 @@ class GGUFTensorReader:
     def dtype(self, name: str) -> torch.dtype:
         return torch.float32  # dequantised
 
-    def prefetch(self, names) -> None:
-        """Nothing read ahead: a quantised file is a fraction of the model's size, and dequantising
-        it, not reading it, is what a GGUF source's tensors cost."""
-
     def stored(self, name: str) -> None:
         return None  # stored quantised: never the bytes of the output
 

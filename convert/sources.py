@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, KeysView, Protocol
+from typing import Iterator, KeysView, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,7 +38,6 @@ class TensorReader(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
     def dtype(self, name: str) -> torch.dtype: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
-    def prefetch(self, names: Iterable[str]) -> None: ...
     def stored(self, name: str) -> StoredTensor | None: ...
 
 
@@ -82,25 +81,6 @@ class SafetensorsReader:
         """From the file's header: no tensor data is read."""
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Have the kernel start reading these tensors from the disk (posix_fadvise WILLNEED) and
-        return at once: the disk then reads the next layer while this one is converted and written,
-        where `get` alone would fault its pages in one small readahead window at a time. Only a
-        hint: the bytes go to the page cache, not to this process's memory."""
-        if not hasattr(os, "posix_fadvise"):  # (not on macOS or Windows)
-            return
-        by_file: dict[Path, list[tuple[int, int]]] = {}
-        for name in names:
-            stored = self.stored(name)
-            by_file.setdefault(stored.path, []).append((stored.offset, stored.nbytes))
-        for path, ranges in by_file.items():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for offset, length in ranges:
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-
     def stored(self, name: str) -> StoredTensor:
         """Where the tensor's bytes lie in its file (the format: an 8-byte header length, the JSON
         header, then the data that the header's offsets are relative to)."""
@@ -131,9 +111,6 @@ class DictReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Nothing to read ahead: the tensors are in memory."""
 
     def stored(self, name: str) -> None:
         return None  # (in memory, not in a file)

@@ -147,29 +147,6 @@ def test_streamed_shards_are_valid_safetensors_for_every_dtype(tmp_path):
         assert seen[name].dtype == t.dtype and seen[name].shape == t.shape and same, name
 
 
-def test_read_ahead_asks_for_each_tensors_own_bytes(tmp_path, monkeypatch):
-    """The next layer is read ahead with posix_fadvise over each tensor's byte range, found from the
-    safetensors header: every range asked for holds exactly that tensor's bytes."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from kvslim.convert.sources import SafetensorsReader
-
-    tensors = {"a": torch.arange(10, dtype=torch.float32), "b.weight": torch.ones(3, 5, dtype=torch.bfloat16),
-               "c": torch.arange(7, dtype=torch.int64)}
-    save_file(tensors, str(tmp_path / "x.safetensors"))
-    reader = SafetensorsReader([tmp_path / "x.safetensors"])
-    asked = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length, advice)),
-                        raising=False)
-    reader.prefetch(["b.weight", "c"])
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    assert [a for *_, a in asked] == [os.POSIX_FADV_WILLNEED] * 2
-    for name, (offset, length, _) in zip(["b.weight", "c"], asked):
-        assert raw[offset:offset + length] == tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes(), name
-
-
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_stored_tensors_are_copied_byte_for_byte_between_written_ones(tmp_path, monkeypatch, kernel_copy):
     """Unchanged source tensors go out as their stored bytes (copy_file_range, or a buffered copy
