@@ -47,7 +47,7 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
-        self._stored: dict[Path, dict[str, StoredTensor]] = {}  # each file's header, read when first needed
+        self._headers: dict[Path, tuple[int, dict]] = {}  # each file's (data start, header), read when first needed
         for path in files:
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -81,20 +81,22 @@ class SafetensorsReader:
         """From the file's header: no tensor data is read."""
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
-    def stored(self, name: str) -> StoredTensor:
+    def stored(self, name: str) -> StoredTensor | None:
         """Where the tensor's bytes lie in its file (the format: an 8-byte header length, the JSON
-        header, then the data that the header's offsets are relative to)."""
+        header, then the data that the header's offsets are relative to); None for a dtype the
+        output cannot name, which then goes through `get` as before."""
         path = self._where[name]
-        if path not in self._stored:
+        if path not in self._headers:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            base = 8 + size
-            self._stored[path] = {
-                key: StoredTensor(path, base + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0],
-                                  _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]))
-                for key, e in header.items() if key != "__metadata__"}
-        return self._stored[path][name]
+                self._headers[path] = (8 + size, json.loads(f.read(size)))
+        base, header = self._headers[path]
+        entry = header[name]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        start, end = entry["data_offsets"]
+        return StoredTensor(path, base + start, end - start, dtype, tuple(entry["shape"]))
 
 
 _SAFETENSORS_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}  # header code -> dtype

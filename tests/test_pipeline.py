@@ -185,6 +185,11 @@ def test_stored_tensors_are_copied_byte_for_byte_between_written_ones(tmp_path, 
     for name, t in {**src, "made": made, "made.after": made * 2}.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
 
+    odd = {"u16": torch.zeros(4, dtype=torch.uint16), "f": torch.ones(2)}  # a dtype the output cannot name
+    save_file(odd, str(tmp_path / "odd.safetensors"))
+    odd_reader = SafetensorsReader([tmp_path / "odd.safetensors"])
+    assert odd_reader.stored("u16") is None and odd_reader.stored("f").dtype == torch.float32
+
     stored = reader.stored("big")
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes((tmp_path / "src.safetensors").read_bytes()[:stored.offset + 100])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConversionError
 from ..formatting import plural
 from ..gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
@@ -89,11 +91,13 @@ class HeadMerge(ConversionMethod):
             self.groups.append(groups)
         new = convert_attention(weights, layout, self.kv_heads, self.options.method if self.merging else "mean",
                                 groups=groups, cov=cov, rope_layout=self.rope)
-        out, source = self.job.adapter.write(new, index), self.job.adapter.write(weights, index)
-        # Tensors the merge returned as they were read (an unregrouped mean merge's queries and outputs)
-        # are left to be copied as the source stores them, by the kernel (driver.kept), not written from
-        # this process's pages of the source: 2 GiB of a 7B model's reads.
-        unchanged = {n for n, t in out.items() if t is source.get(n) and self.job.src.reader.stored(n) is not None}
+        out = self.job.adapter.write(new, index)
+        # Tensors the merge returned as they were read (an unregrouped mean merge's queries and outputs;
+        # `write` places them under the names `read` took them from) are left to be copied as the source
+        # stores them, by the kernel (driver.kept), not written from this process's pages of the
+        # source: 2 GiB of a 7B model's reads.
+        read = {id(t) for t in vars(weights).values() if isinstance(t, torch.Tensor)}
+        unchanged = {n for n, t in out.items() if id(t) in read and self.job.src.reader.stored(n) is not None}
         return LayerOutput({n: t for n, t in out.items() if n not in unchanged}, in_place=True)
 
     def finish(self, record: HeadMergeRecord) -> None:
