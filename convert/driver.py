@@ -33,12 +33,14 @@ def run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float
 
 def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: float) -> ConversionRecord:
     settings, adapter, layout, src = job.settings, job.adapter, job.layout, job.src
-    steps = method.default_refine_steps() if settings.refine_steps is None else settings.refine_steps
-    lr = method.default_refine_lr() if settings.refine_lr is None else settings.refine_lr
-    runner, calibration = None, None
+    effort = method.refine_effort()
+    lr = effort.lr
+    runner, calibration, steps = None, None, 0
     if method.calibrates():
         ids, calibration = calibration_windows(src, settings.calib_data, settings.calib_samples, settings.calib_seq_len)
         runner = LayerwiseRunner(src, ids, device=settings.device, adapter=adapter)
+        steps = effort.steps_for(ids.numel(), ids.shape[-1])
+        batch_tokens = effort.step_tokens(ids.shape[-1])
     config = method.output_config(runner)
     release_memory()  # after a pass over all layers (MLA's RoPE frequencies, the cache allocation)
     target_layers = None
@@ -62,7 +64,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()  # the closed form's float64 temporaries
             if runner and steps:
                 with mmap_threshold(REFINE_MMAP_THRESHOLD):
-                    layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, lr)
+                    layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, lr, batch_tokens)
                 errors.append(round(err, 6))
                 release_memory()  # the refinement's activations and optimiser state
             if runner:
@@ -72,7 +74,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()
         method.finish(record)
         if errors:
-            record.refinement = {"steps": steps, "lr": lr,
+            record.refinement = {"steps": steps, "tokens_per_step": batch_tokens, "lr": lr,
                                  **({"quality": settings.quality} if settings.refine_steps is None else {}),
                                  "relative_output_error": errors}
         writer.close()
@@ -103,7 +105,7 @@ def fused_attention(model):
     return model
 
 
-def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float):
+def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float, batch_tokens: int):
     """Fit the converted attention to the source layer's outputs on the calibration inputs."""
     attention = job.adapter.attention_module
     inputs, call = runner.attention_inputs(index, attention)
@@ -119,7 +121,8 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     with runner.loaded_layer(index, submodule=attention) as source:
         wanted = source_outputs(source, inputs, call)
     with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
-        err, improved = refine_attention(target, wanted, inputs, target_call, steps, lr, frozen=layer.frozen)
+        err, improved = refine_attention(target, wanted, inputs, target_call, steps, lr, batch_tokens,
+                                         frozen=layer.frozen)
         fitted = weights(target) if improved else None
     if not improved:  # the closed form, loaded again as it was
         with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:

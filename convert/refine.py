@@ -10,6 +10,9 @@ end-to-end training, and the result is still a plain checkpoint of the target sh
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,24 +34,49 @@ def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
     return {k: pick(v) for k, v in call.items()}
 
 
-# The shipped defaults (measured: benchmarks/results/refine_cost_gutenberg_{mla,gqa}.md). `--quality max`
-# spends three times the steps for the last few tenths of a percent of perplexity.
-REFINE_STEPS = 100
-REFINE_STEPS_MAX = 300
-QUALITY_STEPS = {"default": REFINE_STEPS, "max": REFINE_STEPS_MAX}
-REFINE_LR = 2e-2
-# Merged heads take larger steps: llama-mha-gutenberg GQA 8 -> 2 at 100 steps, held-out perplexity 91.32 at
-# 2e-2 and 91.08 at 3e-2 (MLA 1/4 prefers 2e-2: layer 0's held-out output error 0.050 against 0.054).
-REFINE_LR_HEAD_MERGE = 3e-2
+@dataclass(frozen=True)
+class Effort:
+    """How much refinement a quality level buys: steps of `batch_tokens` tokens (whole calibration
+    windows, at least one) at step size `lr`, either a fixed count or enough for `epochs` passes over
+    the calibration tokens (then at least `min_steps`). Epochs keep the refinement's cost a fixed
+    multiple of the closed form's, which grows with the calibration set too."""
+
+    batch_tokens: int
+    lr: float
+    steps: int | None = None
+    epochs: float | None = None
+    min_steps: int = 0
+
+    def step_tokens(self, seq_len: int) -> int:
+        return max(1, self.batch_tokens // seq_len) * seq_len
+
+    def steps_for(self, calib_tokens: int, seq_len: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(self.min_steps, math.ceil(self.epochs * calib_tokens / self.step_tokens(seq_len)))
+
+
+# The default takes many small steps at a smaller rate, about twice the closed form's time in all
+# (benchmarks/results/refine_cost_*_e3.md, refine_batch_smollm2.md). For the same time, SmolLM2's first
+# 8 layers -> MLA 1/4 (the others kept; WikiText-2 held-out perplexity, source 29.92, closed form 36.03)
+# gave 31.09 with 400 steps of 512 tokens against 31.29 with 100 of 2,048 (and 31.13 with 300 of 2,048).
+# llama-mha-gutenberg -> MLA 1/4 at 3 epochs (192 steps of 512): 91.22 at lr 1e-2, 91.66 at 2e-2;
+# -> GQA 8 -> 2 at 4 epochs: 91.13 at 1.5e-2, 91.23 at 1e-2 (and 91.42 at 3 epochs, 3e-2).
+# `--quality max` is the earlier default: 300 steps of 2,048 tokens, with the larger rates it was tuned at.
+REFINE_TOKENS = 512
+REFINE_LR, REFINE_LR_HEAD_MERGE = 1e-2, 1.5e-2
+REFINE_EFFORT = {"default": Effort(REFINE_TOKENS, REFINE_LR, epochs=3, min_steps=25),
+                 "max": Effort(2048, 2e-2, steps=300)}
+# Merging heads has a cheaper closed form than MLA's (no RoPE-frequency pass) and affords more epochs.
+REFINE_EFFORT_HEAD_MERGE = {"default": Effort(REFINE_TOKENS, REFINE_LR_HEAD_MERGE, epochs=4, min_steps=25),
+                            "max": Effort(2048, 3e-2, steps=300)}
+QUALITY_LEVELS = tuple(REFINE_EFFORT)
 # Adam with short memories and a constant rate that decays linearly over the last 30% of the steps.
 # llama-mha-gutenberg -> MLA 1/4, held-out perplexity: 91.18 at 100 steps, 90.58 at 300, where Adam's
 # defaults (0.9, 0.999) under a cosine schedule at lr 3e-2 gave 90.95 at 300 (GQA 8 -> 2: 91.32 and
 # 90.49 against 90.78).
 REFINE_BETAS = (0.8, 0.95)
 REFINE_DECAY = 0.3
-# Tokens per step whatever the window length (4 windows of 512): short windows would otherwise give
-# noisy steps (4 windows of 32 tokens) and a refinement that does not generalise.
-REFINE_TOKENS = 2048
 
 
 class LeanAdam:
@@ -92,7 +120,7 @@ def source_outputs(source: nn.Module, inputs: list[torch.Tensor], call: dict) ->
 
 def refine_attention(
     target: nn.Module, wanted: list[torch.Tensor], inputs: list[torch.Tensor], call: dict,
-    steps: int = REFINE_STEPS, lr: float = REFINE_LR, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
+    steps: int, lr: float, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
     frozen: tuple[str, ...] = (),
 ) -> tuple[float, bool]:
     """Adam on the relative output error of `target` (trainable, called with `call`) against the

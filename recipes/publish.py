@@ -81,7 +81,8 @@ def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]
     if cal:
         rows.append(("calibration", f"`{cal['data']}`: {cal['samples']} sequences x {cal['seq_len']} tokens"))
     ref = record.get("refinement")
-    rows.append(("refinement", f"{ref['steps']} layer-local output-matching steps" if ref else "none (closed form)"))
+    per_step = f" of {ref['tokens_per_step']:,} tokens" if ref and ref.get("tokens_per_step") else ""
+    rows.append(("refinement", f"{ref['steps']} layer-local output-matching steps{per_step}" if ref else "none (closed form)"))
     rows.append(("kvslim", record.get("kvslim_version", "?")))
     return rows
 

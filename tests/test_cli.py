@@ -381,7 +381,7 @@ def test_binary_calibration_text_is_warned_about(src, tmp_path, caplog):
 
 
 def test_quality_sets_the_default_refinement_and_is_recorded(src, tmp_path, text_file):
-    from kvslim.convert.refine import QUALITY_STEPS
+    from kvslim.convert.refine import REFINE_EFFORT_HEAD_MERGE as LEVELS  # --to mqa merges heads
 
     calib = ["--calib-data", text_file, "--calib-samples", "8", "--calib-seq-len", "16"]
     for quality in ("default", "max"):
@@ -389,8 +389,10 @@ def test_quality_sets_the_default_refinement_and_is_recorded(src, tmp_path, text
         r = run("convert", src, "-o", out, "--to", "mqa", "--quality", quality, *calib)
         assert r.exit_code == 0, r.output
         refinement = json.loads((out / "kvslim_conversion.json").read_text())["refinement"]
-        assert refinement["steps"] == QUALITY_STEPS[quality] and refinement["quality"] == quality
-    assert QUALITY_STEPS["max"] > QUALITY_STEPS["default"] > 0
+        assert refinement["steps"] == LEVELS[quality].steps_for(8 * 16, 16) and refinement["quality"] == quality
+        assert refinement["tokens_per_step"] == LEVELS[quality].step_tokens(16)
+        assert refinement["lr"] == LEVELS[quality].lr
+    assert LEVELS["max"].steps_for(8 * 16, 16) > LEVELS["default"].steps_for(8 * 16, 16) > 0
     r = run("convert", src, "-o", tmp_path / "x", "--to", "mqa", "--refine-steps", "3", *calib)
     assert "quality" not in json.loads((tmp_path / "x" / "kvslim_conversion.json").read_text())["refinement"]
     assert_refused(run("convert", src, "-o", tmp_path / "bad", "--to", "mqa", "--quality", "best", *calib),

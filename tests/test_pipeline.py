@@ -252,6 +252,20 @@ def test_refinement_step_size_defaults_by_method_and_is_recorded(save_model, tmp
     assert not (tmp_path / "bad").exists()
 
 
+def test_default_refinement_passes_over_the_calibration_set_a_fixed_number_of_times():
+    from kvslim.convert.refine import REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE, Effort
+
+    effort = Effort(512, 1e-2, epochs=4, min_steps=25)
+    assert effort.steps_for(128 * 512, 512) == 512 and effort.steps_for(32 * 512, 512) == 128
+    assert effort.step_tokens(256) == 512 and effort.steps_for(128 * 256, 256) == 256
+    # windows longer than a step's tokens: one window a step, counted whole
+    assert effort.step_tokens(2048) == 2048 and effort.steps_for(64 * 2048, 2048) == 256
+    assert effort.steps_for(8 * 16, 16) == 25  # the floor, for tiny calibration sets
+    for levels in (REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE):
+        assert levels["max"].steps_for(10**6, 512) == levels["max"].steps_for(10, 512) == 300
+        assert levels["default"].batch_tokens < levels["max"].batch_tokens
+
+
 def test_a_refinement_that_does_not_help_leaves_the_closed_form_bit_for_bit(save_model, tmp_path, text_file):
     from safetensors.torch import load_file
 

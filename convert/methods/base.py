@@ -8,7 +8,7 @@ attention weights at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..adapters import AttentionAdapter, AttentionLayout
 from ..errors import ConversionError
 from ..records import ConversionRecord
-from ..refine import QUALITY_STEPS, REFINE_LR, REFINE_LR_HEAD_MERGE
+from ..refine import QUALITY_LEVELS, REFINE_EFFORT, REFINE_LR, REFINE_LR_HEAD_MERGE, Effort
 from ..sources import CheckpointSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -58,9 +58,10 @@ class Settings:
                                   f"{REFINE_LR:g} for MLA and {REFINE_LR_HEAD_MERGE:g} for merged heads).")
         if self.refine_steps is not None and self.refine_steps < 0:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
-        if self.quality not in QUALITY_STEPS:
-            raise ConversionError(f"--quality {self.quality!r} is not one of {', '.join(QUALITY_STEPS)} "
-                                  f"({', '.join(f'{k}: {v} refinement steps' for k, v in QUALITY_STEPS.items())}).")
+        if self.quality not in QUALITY_LEVELS:
+            raise ConversionError(f"--quality {self.quality!r} is not one of {', '.join(QUALITY_LEVELS)} "
+                                  "(default: about twice the closed form's time in refinement; max: 300 steps "
+                                  "of 2,048 tokens per layer).")
         parse_dtype(self.dtype)
 
     @property
@@ -137,13 +138,14 @@ class ConversionMethod:
     def calibrates(self) -> bool:
         return True
 
-    def default_refine_steps(self) -> int:
-        """Refinement steps when --refine-steps is not given."""
-        return QUALITY_STEPS[self.job.settings.quality]
+    refine_levels: ClassVar[dict[str, Effort]] = REFINE_EFFORT  # the refinement of each --quality
 
-    def default_refine_lr(self) -> float:
-        """Refinement step size when none is given."""
-        return REFINE_LR
+    def refine_effort(self) -> Effort:
+        """The --quality level's refinement, with --refine-steps and the step size where given."""
+        settings, effort = self.job.settings, self.refine_levels[self.job.settings.quality]
+        if settings.refine_steps is not None:
+            effort = replace(effort, steps=settings.refine_steps)
+        return effort if settings.refine_lr is None else replace(effort, lr=settings.refine_lr)
 
     def output_config(self, runner):
         """The converted model's config (`runner`: the calibration runner, None when uncalibrated)."""

@@ -6,7 +6,7 @@ per-head key/value folds, and optional regrouping of query heads by similarity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,7 +14,7 @@ from ..errors import ConversionError
 from ..formatting import plural
 from ..gqa import METHODS, check_kv_heads, convert_attention, pairwise_merge_cost, plan_groups
 from ..records import HeadMergeRecord, kv_bytes_per_token
-from ..refine import REFINE_LR_HEAD_MERGE
+from ..refine import REFINE_EFFORT_HEAD_MERGE, Effort
 from .base import ConversionMethod, LayerOutput
 
 
@@ -52,12 +52,12 @@ class HeadMerge(ConversionMethod):
     def calibrates(self) -> bool:
         return self.options.method == "aware" and self.merging
 
-    def default_refine_steps(self) -> int:
-        """Mean-pooling is the paper's baseline and is left as is."""
-        return 0 if self.options.method == "mean" else super().default_refine_steps()
+    refine_levels = REFINE_EFFORT_HEAD_MERGE
 
-    def default_refine_lr(self) -> float:
-        return REFINE_LR_HEAD_MERGE
+    def refine_effort(self) -> Effort:
+        """Mean-pooling is the paper's baseline and is left as is."""
+        effort = super().refine_effort()
+        return replace(effort, steps=0) if self.options.method == "mean" else effort
 
     def output_config(self, runner):
         return self.job.adapter.target_config(self.job.src.config, self.kv_heads)
