@@ -56,13 +56,14 @@ class Effort:
         return max(self.min_steps, math.ceil(self.epochs * calib_tokens / self.step_tokens(seq_len)))
 
 
-# The default takes many small steps at a smaller rate, about twice the closed form's time in all
-# (benchmarks/results/refine_cost_*_e3.md, refine_batch_smollm2.md). For the same time, SmolLM2's first
-# 8 layers -> MLA 1/4 (the others kept; WikiText-2 held-out perplexity, source 29.92, closed form 36.03)
-# gave 31.09 with 400 steps of 512 tokens against 31.29 with 100 of 2,048 (and 31.13 with 300 of 2,048).
-# llama-mha-gutenberg -> MLA 1/4 at 3 epochs (192 steps of 512): 91.22 at lr 1e-2, 91.66 at 2e-2;
-# -> GQA 8 -> 2 at 4 epochs: 91.13 at 1.5e-2, 91.23 at 1e-2 (and 91.42 at 3 epochs, 3e-2).
-# `--quality max` is the earlier default: 300 steps of 2,048 tokens, with the larger rates it was tuned at.
+# The default takes many small steps at a smaller rate; a conversion then takes about 2.4-3.3x its
+# closed form (benchmarks/results/refine_cost_gutenberg_{mla,gqa}_epochs.md, mla_conversion_smollm2_epochs*.md).
+# For the same time, small steps fit better: SmolLM2's first 8 layers -> MLA 1/4, swapped into the full
+# model (WikiText-2 held-out perplexity, source 29.92, closed form 36.03), gave 31.09 with 400 steps of 512
+# tokens against 31.29 with 100 of 2,048 (refine_batch_smollm2.md). Smaller steps want a smaller rate:
+# llama-mha-gutenberg -> MLA 1/4 at 3 passes (192 steps of 512) 91.22 at lr 1e-2 and 91.66 at 2e-2;
+# -> GQA 8 -> 2 at 4 passes 91.13 at 1.5e-2 and 91.23 at 1e-2 (refine_cost_gutenberg_epochs_sweep.md).
+# `--quality max` is the earlier default: 300 steps of 2,048 tokens, at the larger rates it was tuned at.
 REFINE_TOKENS = 512
 REFINE_LR, REFINE_LR_HEAD_MERGE = 1e-2, 1.5e-2
 REFINE_EFFORT = {"default": Effort(REFINE_TOKENS, REFINE_LR, epochs=3, min_steps=25),
