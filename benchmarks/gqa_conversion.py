@@ -181,7 +181,7 @@ def markdown(result: dict) -> str:
         "Perplexity: first 8,192 tokens, non-overlapping windows with BOS prepended (llama-mha-gutenberg: "
         "held-out books, 256-token windows; SmolLM2: WikiText-2 test, 512-token windows). Calibration text "
         "is disjoint from it. Goal: the default method's perplexity increase is at most a tenth of mean's.", "",
-        f"aware (default): regrouped closed form, then {result.get('refine_steps', 100)} steps of layer-local "
+        f"aware (default): regrouped closed form, then {result.get('refine_steps') or 'the default'} steps of layer-local "
         f"refinement (lr {result.get('refine_lr', 1e-2):g}); aware-closed-form: without the refinement.", "",
         "| model | heads -> KV heads | method | KV bytes/token | ppl source | ppl converted | increase | "
         "increase / mean's | convert s | peak RSS MiB |",
@@ -222,11 +222,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from kvslim.convert.refine import REFINE_LR, REFINE_STEPS
+    from kvslim.convert.refine import REFINE_LR_HEAD_MERGE
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gutenberg,smollm2")
-    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of the default row (the shipped default)")
+    parser.add_argument("--refine-steps", type=int, default=None, help="steps of the default row (default: the shipped --quality default)")
     parser.add_argument("--name", default="gqa_conversion")
     args = parser.parse_args()
     methods = [("mean", dict(method="mean")),
@@ -235,7 +235,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvslim-bench-") as tmp:
         result = run(args.models.split(","), methods, Path(tmp))
     result["refine_steps"] = args.refine_steps
-    result["refine_lr"] = REFINE_LR
+    result["refine_lr"] = REFINE_LR_HEAD_MERGE
     print(save_results(args.name, result, markdown, plot))
 
 

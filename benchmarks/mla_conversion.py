@@ -38,9 +38,9 @@ PEERS = {
 }
 
 
-def variants(refine_steps: int, only_default: bool = False, skip_default: bool = False,
+def variants(refine_steps: int | None, only_default: bool = False, skip_default: bool = False,
              only: list[str] | None = None) -> list[tuple[str, dict]]:
-    default = (f"default (whitened / rotate + refine {refine_steps})",
+    default = (f"default (whitened / rotate + refine {refine_steps or 'default'})",
                dict(mla_init="whitened", rope_strategy="rotate", refine_steps=refine_steps))
     if only_default:
         return [default]
@@ -79,7 +79,8 @@ def run(models, budgets, refine_steps, work: Path, only_default: bool = False, s
                            rope_dim=rec["mla"]["rope_dim"], rope_frequencies=rec["mla"]["rope_frequencies"],
                            kv_bytes_before=rec["kv_bytes_per_token_before"], kv_bytes_after=rec["kv_bytes_per_token_after"],
                            ppl_source=base["perplexity"], ppl=ev["perplexity"], seconds=round(conv["seconds"], 1),
-                           peak_rss_mib=round(conv["peak_rss_mib"]))
+                           peak_rss_mib=round(conv["peak_rss_mib"]),
+                           refinement={k: v for k, v in (rec.get("refinement") or {}).items() if k != "relative_output_error"})
                 rows.append(row)
                 if save:  # keep what is measured even if a later row fails
                     save({"machine": machine(), "refine_steps": refine_steps, "rows": rows})
@@ -135,12 +136,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from kvslim.convert.refine import REFINE_STEPS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gutenberg,smollm2")
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
-    parser.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of the default row (the shipped default)")
+    parser.add_argument("--refine-steps", type=int, default=None, help="steps of the default row (default: the shipped --quality default)")
     parser.add_argument("--name", default="mla_conversion")
     parser.add_argument("--only-default", action="store_true", help="only the shipped default variant")
     parser.add_argument("--skip-default", action="store_true", help="only the closed-form variants")
