@@ -312,7 +312,7 @@ def demo(
     calib_tokens = settings["calib_samples"] * settings["calib_seq_len"]
     typer.echo(f"kvslim demo: SmolLM2-135M-Instruct (30 layers, 9 query heads / 3 KV heads) -> MQA (1 KV head).\n"
                f"  1. activation-aware merge calibrated on {calib_tokens:,} tokens of {Path(calib_data).name}, "
-               f"{'the default' if refine_steps is None else refine_steps} refinement steps per layer\n"
+               f"{'default refinement' if refine_steps is None else f'{refine_steps} refinement steps per layer'}\n"
                f"  2. perplexity of the source and the conversion on {DEMO_EVAL_TOKENS:,} tokens of "
                f"{Path(eval_data).name}\n"
                f"About {DEMO_MINUTES} minutes on 2 CPU cores (progress below).")
