@@ -22,7 +22,7 @@ from .calibration import LayerwiseRunner, calibration_windows
 from .meta import meta_model
 from .methods import ConversionMethod, Job
 from .records import RECORD_FILE, ConversionRecord, kv_bytes_per_token
-from .refine import refine_attention, source_outputs
+from .refine import Refinement, output_error, output_scale, refine_attention, source_outputs
 from .writer import AtomicDirectory, ShardedWriter
 
 
@@ -62,13 +62,16 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             layer = method.convert_layer(i, weights, cov, runner)
             del weights, cov  # (the moment is 128 MiB of float64 at 7B, needed no more)
             release_memory()  # the closed form's float64 temporaries
+            fit = None
             if runner and steps:
                 with mmap_threshold(REFINE_MMAP_THRESHOLD):
-                    layer.attention, err = refine_layer(runner, job, i, target_layers[i], layer, steps, lr, batch_tokens)
-                errors.append(round(err, 6))
+                    layer.attention, fit = refine_layer(runner, job, i, target_layers[i], layer, steps, lr, batch_tokens)
+                errors.append(round(fit.error, 6))
                 release_memory()  # the refinement's activations and optimiser state
             if runner:
-                runner.advance(i, target_layers[i], {**layer.extra, **layer.attention}, call=layer.call)
+                replay = (adapter.attention_module, fit.inputs, fit.outputs) if fit else None
+                runner.advance(i, target_layers[i], {**layer.extra, **layer.attention}, call=layer.call, replay=replay)
+                del fit
             write_layer(job, i, layer, writer)
             del layer
             release_memory()
@@ -105,7 +108,8 @@ def fused_attention(model):
     return model
 
 
-def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float, batch_tokens: int):
+def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float,
+                 batch_tokens: int) -> tuple[dict, Refinement]:
     """Fit the converted attention to the source layer's outputs on the calibration inputs."""
     attention = job.adapter.attention_module
     inputs, call = runner.attention_inputs(index, attention)
@@ -121,13 +125,15 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
     with runner.loaded_layer(index, submodule=attention) as source:
         wanted = source_outputs(source, inputs, call)
     with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
-        err, improved = refine_attention(target, wanted, inputs, target_call, steps, lr, batch_tokens,
-                                         frozen=layer.frozen)
-        fitted = weights(target) if improved else None
-    if not improved:  # the closed form, loaded again as it was
+        fit = refine_attention(target, wanted, inputs, target_call, steps, lr, batch_tokens,
+                               frozen=layer.frozen, dtype=dtype)
+        fitted = weights(target) if fit else None
+    if fit is None:  # the closed form, loaded again as it was
         with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
             fitted = weights(target)
-    return {**layer.attention, **fitted}, err
+            err, outputs = output_error(target, wanted, inputs, target_call, output_scale(wanted))
+            fit = Refinement(err, inputs, outputs)
+    return {**layer.attention, **fitted}, fit
 
 
 def write_layer(job: Job, index: int, layer, writer) -> None:

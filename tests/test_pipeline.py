@@ -281,6 +281,65 @@ def test_a_refinement_that_does_not_help_leaves_the_closed_form_bit_for_bit(save
     assert len(record["refinement"]["relative_output_error"]) == 2
 
 
+@pytest.mark.parametrize("target, dtype", [("mla", torch.float32), ("mla", torch.bfloat16), ("mqa", torch.bfloat16)])
+def test_the_stream_takes_over_refinement_outputs_and_writes_what_it_would_compute(
+        target, dtype, save_model, tmp_path, text_file, monkeypatch):
+    """The calibration stream advances through a refined layer with the outputs of refinement's
+    final error pass, which describe the weights as written (rounded to the checkpoint's dtype):
+    the conversion is the same, bit for bit, as one that computes the attention again."""
+    from safetensors.torch import load_file
+
+    from kvslim.convert import calibration
+
+    src = save_model(make_model("llama", 4, 4, seed=3).to(dtype))
+    options = dict(to=target, calib_data=str(text_file), **{**CALIB, "refine_steps": 5},
+                   **({"kv_budget": 0.5} if target == "mla" else {}))
+    replayed = []
+    forward = calibration._Replay.forward
+
+    def counted(self, *args, **kwargs):
+        replayed.append(forward(self, *args, **kwargs))
+        return replayed[-1]
+
+    monkeypatch.setattr(calibration._Replay, "forward", counted)
+    kvslim.convert(str(src), tmp_path / "replayed", **options)
+    assert len(replayed) == 2  # each layer's one calibration batch (256 tokens), none computed again
+
+    advance = calibration.LayerwiseRunner.advance
+    monkeypatch.setattr(calibration.LayerwiseRunner, "advance",
+                        lambda self, *a, replay=None, **k: advance(self, *a, **k))
+    kvslim.convert(str(src), tmp_path / "computed", **options)
+    replayed_weights, computed = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("replayed", "computed"))
+    assert replayed_weights.keys() == computed.keys()
+    for key in computed:
+        assert torch.equal(replayed_weights[key], computed[key]), key
+    records = [json.loads((tmp_path / n / RECORD_FILE).read_text())["refinement"] for n in ("replayed", "computed")]
+    assert records[0]["relative_output_error"] == records[1]["relative_output_error"]
+
+
+def test_the_stream_computes_an_attention_whose_inputs_are_not_the_replayed_ones(save_model, text_file):
+    from kvslim.convert.adapters import get_adapter
+    from kvslim.convert.calibration import LayerwiseRunner, calibration_windows
+    from kvslim.convert.sources import open_source
+
+    src = open_source(str(save_model(make_model("llama", 4, 4, seed=4))), None)
+    adapter = get_adapter("llama")
+    ids, _ = calibration_windows(src, str(text_file), 4, 16)
+    runner = LayerwiseRunner(src, ids, adapter=adapter)
+    start = list(runner.hidden)
+    inputs, call = runner.attention_inputs(0, adapter.attention_module)
+    zeros = [(torch.zeros_like(x), None) for x in inputs]
+    runner.advance(0, None, {}, replay=(adapter.attention_module, inputs, zeros))
+    replayed = runner.hidden  # the attention contributed nothing: the residual stream plus the MLP only
+    runner.hidden = start
+    runner.advance(0, None, {}, replay=(adapter.attention_module, [x + 1 for x in inputs], zeros))
+    computed = runner.hidden
+    runner.hidden = start
+    runner.advance(0, None, {})
+    torch.testing.assert_close(computed, runner.hidden, rtol=0, atol=0)
+    assert not torch.allclose(replayed[0], computed[0])
+
+
 def test_a_layer_pass_loads_each_projection_on_call_and_falls_back_where_a_module_reads_weights_directly(
         save_model, text_file):
     """Advancing the calibration stream holds one projection's weights at a time (7B: one MLP
