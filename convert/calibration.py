@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 
 import torch
 from torch import nn
@@ -384,9 +385,7 @@ class LayerwiseRunner:
         `replay` = (the attention's module path, its inputs and its raw outputs per batch), when
         they are known already (refinement's final error pass): the attention then returns those
         instead of computing them again, as long as each batch's input is the one they belong to."""
-        def through(loaded):
-            return [self._call(loaded, index, h, call) for h in self.hidden]
-
+        through = self._through(index, call)
         if replay is not None:
             layer = self.layers[index] if layer is None else layer
             path, inputs, outputs = replay
@@ -402,6 +401,17 @@ class LayerwiseRunner:
             finally:
                 setattr(owner, name, attention)
         self.hidden = self._run_layer(index, through, layer, overrides, release=True)  # one projection at a time
+
+    def _through(self, index: int, call: dict | None):
+        return lambda loaded: [self._call(loaded, index, h, call) for h in self.hidden]
+
+    @torch.no_grad()
+    def pass_seconds(self, index: int, layer: nn.Module, overrides: dict[str, torch.Tensor],
+                     call: dict | None = None) -> float:
+        """The seconds `advance` takes through `layer`, with the stream left as it is."""
+        started = time.perf_counter()
+        self._run_layer(index, self._through(index, call), layer, overrides, release=True)
+        return time.perf_counter() - started
 
     def _run_layer(self, index: int, run, layer: nn.Module | None = None,
                    overrides: dict[str, torch.Tensor] | None = None, release: bool = False):

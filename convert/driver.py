@@ -22,7 +22,7 @@ from .calibration import LayerwiseRunner, calibration_windows
 from .meta import meta_model
 from .methods import ConversionMethod, Job
 from .records import RECORD_FILE, ConversionRecord, kv_bytes_per_token
-from .refine import Refinement, output_error, output_scale, refine_attention, source_outputs
+from .refine import Effort, Refinement, TimeBudget, output_error, output_scale, refine_attention, source_outputs
 from .writer import AtomicDirectory, ShardedWriter
 
 
@@ -35,11 +35,11 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
     settings, adapter, layout, src = job.settings, job.adapter, job.layout, job.src
     effort = method.refine_effort()
     lr = effort.lr
-    runner, calibration, steps = None, None, 0
+    runner, calibration, steps, budget = None, None, 0, None
     if method.calibrates():
         ids, calibration = calibration_windows(src, settings.calib_data, settings.calib_samples, settings.calib_seq_len)
         runner = LayerwiseRunner(src, ids, device=settings.device, adapter=adapter)
-        steps = effort.steps_for(ids.numel(), ids.shape[-1])
+        fewest, steps = effort.step_range(ids.numel(), ids.shape[-1])
         batch_tokens = effort.step_tokens(ids.shape[-1])
     config = method.output_config(runner)
     release_memory()  # after a pass over all layers (MLA's RoPE frequencies, the cache allocation)
@@ -55,8 +55,10 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
         writer = ShardedWriter(tmp, settings.max_shard_bytes)
         copy_non_layer_tensors(job, writer)
         errors = []
+        setup = time.perf_counter() - started
         for i in tqdm(range(layout.num_layers), desc=method.progress_label(), unit="layer",
                       disable=not settings.progress):
+            layer_started = time.perf_counter()
             weights = adapter.read(src.reader, i, layout)
             cov = runner.attention_input_moment(i, adapter.attention_module) if runner else None
             layer = method.convert_layer(i, weights, cov, runner)
@@ -64,8 +66,14 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             release_memory()  # the closed form's float64 temporaries
             fit = None
             if runner and steps:
+                if i == 0 and effort.time_share and fewest < steps:
+                    budget = time_budget(effort, runner, target_layers[0], layer, setup,
+                                         time.perf_counter() - layer_started, layout.num_layers, fewest, steps)
                 with mmap_threshold(REFINE_MMAP_THRESHOLD):
-                    layer.attention, fit = refine_layer(runner, job, i, target_layers[i], layer, steps, lr, batch_tokens)
+                    layer.attention, fit = refine_layer(runner, job, i, target_layers[i], layer,
+                                                        budget if i == 0 and budget else steps, lr, batch_tokens)
+                if i == 0 and budget:
+                    steps = fit.steps  # for every layer: one count, recorded
                 errors.append(round(fit.error, 6))
                 release_memory()  # the refinement's activations and optimiser state
             if runner:
@@ -79,6 +87,9 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
         if errors:
             record.refinement = {"steps": steps, "tokens_per_step": batch_tokens, "lr": lr,
                                  **({"quality": settings.quality} if settings.refine_steps is None else {}),
+                                 **({"time_share": effort.time_share,
+                                     "closed_form_estimate_s": round(budget.seconds * layout.num_layers
+                                                                     / effort.time_share, 1)} if budget else {}),
                                  "relative_output_error": errors}
         writer.close()
         save(job, method, config, record, tmp, started)
@@ -95,6 +106,17 @@ def common_record_fields(job: Job) -> dict:
                 kvslim_version=version())
 
 
+def time_budget(effort: Effort, runner, target_layer, layer, setup: float, layer_seconds: float,
+                num_layers: int, fewest: int, most: int) -> TimeBudget:
+    """Each layer's refinement time: `effort.time_share` of the closed form's per layer, estimated
+    from the first layer (`setup`: the seconds before it; `layer_seconds`: its reading, statistics and
+    closed form) and one timed pass of the stream through it (what its advance costs)."""
+    overrides = {**layer.extra, **layer.attention}
+    stream_pass = runner.pass_seconds(0, target_layer, overrides, call=layer.call)
+    closed_form = setup + num_layers * (layer_seconds + stream_pass)
+    return TimeBudget(effort.time_share * closed_form / num_layers, fewest, most)
+
+
 def fused_attention(model):
     """The converted layers refine and advance the stream with kvslim_sdpa where the model runs
     SDPA: Transformers' own SDPA call sends MLA's attention (values narrower than keys) to the
@@ -108,9 +130,10 @@ def fused_attention(model):
     return model
 
 
-def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, lr: float,
+def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int | TimeBudget, lr: float,
                  batch_tokens: int) -> tuple[dict, Refinement]:
     """Fit the converted attention to the source layer's outputs on the calibration inputs."""
+    started = time.perf_counter()
     attention = job.adapter.attention_module
     inputs, call = runner.attention_inputs(index, attention)
     target_call = call if layer.call is None else {**call, "position_embeddings": layer.call["position_embeddings"]}
@@ -126,13 +149,12 @@ def refine_layer(runner, job: Job, index: int, target_layer, layer, steps: int, 
         wanted = source_outputs(source, inputs, call)
     with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
         fit = refine_attention(target, wanted, inputs, target_call, steps, lr, batch_tokens,
-                               frozen=layer.frozen, dtype=dtype)
-        fitted = weights(target) if fit else None
-    if fit is None:  # the closed form, loaded again as it was
+                               frozen=layer.frozen, dtype=dtype, spent=time.perf_counter() - started)
+        fitted = weights(target) if fit.improved else None
+    if not fit.improved:  # the closed form, loaded again as it was
         with runner.loaded_layer(index, target_layer, closed_form, submodule=attention) as target:
             fitted = weights(target)
-            err, outputs = output_error(target, wanted, inputs, target_call, output_scale(wanted))
-            fit = Refinement(err, inputs, outputs)
+            fit.error, fit.outputs = output_error(target, wanted, inputs, target_call, output_scale(wanted))
     return {**layer.attention, **fitted}, fit
 
 

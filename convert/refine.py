@@ -11,7 +11,8 @@ end-to-end training, and the result is still a plain checkpoint of the target sh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -41,28 +42,53 @@ def _rows(call: dict, rows: torch.Tensor, batch: int) -> dict:
 @dataclass(frozen=True)
 class Effort:
     """How much refinement a quality level buys: steps of `batch_tokens` tokens (whole calibration
-    windows, at least one) at step size `lr`, either a fixed count or enough for `epochs` passes over
-    the calibration tokens (then at least `min_steps`). Epochs keep the refinement's cost a fixed
-    multiple of the closed form's, which grows with the calibration set too."""
+    windows, at least one) at step size `lr`, either a fixed count of `steps` or as many as fit in
+    `time_share` times the closed form's time (`TimeBudget`), between `min_steps` and `max_epochs`
+    passes over the calibration tokens."""
 
     batch_tokens: int
     lr: float
     steps: int | None = None
-    epochs: float | None = None
+    time_share: float | None = None
     min_steps: int = 0
+    max_epochs: float = 0.0
 
     def step_tokens(self, seq_len: int) -> int:
         return max(1, self.batch_tokens // seq_len) * seq_len
 
-    def steps_for(self, calib_tokens: int, seq_len: int) -> int:
+    def step_range(self, calib_tokens: int, seq_len: int) -> tuple[int, int]:
+        """The fewest and the most steps: (steps, steps) for a fixed count."""
         if self.steps is not None:
-            return self.steps
-        return max(self.min_steps, math.ceil(self.epochs * calib_tokens / self.step_tokens(seq_len)))
+            return self.steps, self.steps
+        most = math.ceil(self.max_epochs * calib_tokens / self.step_tokens(seq_len))
+        return self.min_steps, max(self.min_steps, most)
 
 
-# The default takes many small steps at a smaller rate; a conversion then takes about 2.4-3.3x its
-# closed form (benchmarks/results/refine_cost_gutenberg_{mla,gqa}_epochs.md, mla_conversion_smollm2_epochs*.md).
-# For the same time, small steps fit better: SmolLM2's first 8 layers -> MLA 1/4, swapped into the full
+@dataclass(frozen=True)
+class TimeBudget:
+    """A layer's refinement time, in seconds, and the step counts allowed. The count is set after
+    PROBE steps, from their pace: what fits once the time already spent and the final error pass
+    are taken out."""
+
+    seconds: float
+    fewest: int
+    most: int
+
+    PROBE = 10  # steps timed (all at the full rate: the decay starts at 70% of at least 25 steps)
+
+    def steps(self, step_seconds: float, spent: float, final_pass: float) -> int:
+        fit = int((self.seconds - spent - final_pass) / step_seconds)
+        return min(self.most, max(self.fewest, fit))
+
+
+# Refinement takes about REFINE_TIME_SHARE times the closed form's time, so that the default conversion
+# takes about 2.5-2.8x its closed form (a refined layer advances the stream for less), whatever the model and the machine. No fixed step count does that:
+# SmolLM2-135M -> MQA (64 x 512 calibration tokens) took 4.4x its closed form with 4 passes over the
+# calibration tokens, where llama-mha-gutenberg -> GQA 8 -> 2 took 2.7x (its closed form carries a fixed
+# overhead several times its per-layer work) and needed those 4 passes to stay within 0.5% of the
+# earlier 300-step default (3 passes: +0.6%). The step count is set on the first layer and recorded;
+# `--refine-steps N` repeats a conversion exactly.
+# Small steps fit better for the same time: SmolLM2's first 8 layers -> MLA 1/4, swapped into the full
 # model (WikiText-2 held-out perplexity, source 29.92, closed form 36.03), gave 31.09 with 400 steps of 512
 # tokens against 31.29 with 100 of 2,048 (refine_batch_smollm2.md). Smaller steps want a smaller rate:
 # llama-mha-gutenberg -> MLA 1/4 at 3 passes (192 steps of 512) 91.22 at lr 1e-2 and 91.66 at 2e-2;
@@ -70,16 +96,17 @@ class Effort:
 # `--quality max` is the earlier default: 300 steps of 2,048 tokens, at the larger rates it was tuned at.
 REFINE_TOKENS = 512
 REFINE_LR, REFINE_LR_HEAD_MERGE = 1e-2, 1.5e-2
-REFINE_EFFORT = {"default": Effort(REFINE_TOKENS, REFINE_LR, epochs=3, min_steps=25),
+REFINE_TIME_SHARE = 2.0
+REFINE_EFFORT = {"default": Effort(REFINE_TOKENS, REFINE_LR, time_share=REFINE_TIME_SHARE, min_steps=25, max_epochs=8),
                  "max": Effort(2048, 2e-2, steps=300)}
-# Merging heads has a cheaper closed form than MLA's (no RoPE-frequency pass) and affords more epochs.
-REFINE_EFFORT_HEAD_MERGE = {"default": Effort(REFINE_TOKENS, REFINE_LR_HEAD_MERGE, epochs=4, min_steps=25),
+REFINE_EFFORT_HEAD_MERGE = {"default": replace(REFINE_EFFORT["default"], lr=REFINE_LR_HEAD_MERGE),
                             "max": Effort(2048, 3e-2, steps=300)}
 QUALITY_LEVELS = tuple(REFINE_EFFORT)
 # Adam with short memories and a constant rate that decays linearly over the last 30% of the steps.
 # llama-mha-gutenberg -> MLA 1/4, held-out perplexity: 91.18 at 100 steps, 90.58 at 300, where Adam's
 # defaults (0.9, 0.999) under a cosine schedule at lr 3e-2 gave 90.95 at 300 (GQA 8 -> 2: 91.32 and
-# 90.49 against 90.78).
+# 90.49 against 90.78). On SmolLM2's first 8 layers -> MLA 1/4 (96 steps of 512), neither a decay over
+# all the steps (31.51 at lr 1.5e-2, 31.54 at 2e-2) nor betas (0.9, 0.99) (31.65) beat this (31.47).
 REFINE_BETAS = (0.8, 0.95)
 REFINE_DECAY = 0.3
 
@@ -125,13 +152,17 @@ def source_outputs(source: nn.Module, inputs: list[torch.Tensor], call: dict) ->
 
 @dataclass
 class Refinement:
-    """A fitted layer's relative output error on all calibration batches, the batches' attention
-    inputs and its raw outputs on each: the calibration stream takes them over instead of computing
-    them again (`LayerwiseRunner.advance`)."""
+    """What a layer's refinement gives: whether it beat the closed form, the steps it took, and, for
+    the weights it leaves, the relative output error on all calibration batches, the batches' inputs
+    and the raw outputs on each, which the calibration stream takes over instead of computing them
+    again (`LayerwiseRunner.advance`). When it did not beat the closed form, error and outputs are
+    None: the caller loads the closed form again and measures that."""
 
-    error: float
+    improved: bool
+    steps: int
     inputs: list[torch.Tensor]
-    outputs: list
+    error: float | None = None
+    outputs: list | None = None
 
 
 @torch.no_grad()
@@ -154,23 +185,29 @@ GUARD_STRIDE = 4
 
 def refine_attention(
     target: nn.Module, wanted: list[torch.Tensor], inputs: list[torch.Tensor], call: dict,
-    steps: int, lr: float, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
-    frozen: tuple[str, ...] = (), dtype: torch.dtype | None = None,
-) -> Refinement | None:
+    steps: int | TimeBudget, lr: float, batch_tokens: int = REFINE_TOKENS, progress: bool = False,
+    frozen: tuple[str, ...] = (), dtype: torch.dtype | None = None, spent: float = 0.0,
+) -> Refinement:
     """Adam on the relative output error of `target` (trainable, called with `call`) against the
     source's outputs `wanted` (`source_outputs`) on the same inputs.
 
     The fitted weights are rounded to `dtype` (what the checkpoint will hold) before the final
     error pass, so its error and outputs are the written layer's. When the fit is no better than the
-    closed form (e.g. an exact one) the result is None: the target's weights are not copied
+    closed form (e.g. an exact one) the result says so: the target's weights are not copied
     beforehand, for memory, and the caller loads the closed form again.
-    Parameters whose names start with one of `frozen` keep their values.
+    Parameters whose names start with one of `frozen` keep their values. With a `TimeBudget` the
+    step count is set from the first steps' pace (`spent`: the seconds this layer's refinement
+    took before this call) and given in the result.
     """
+    started = time.perf_counter()
+    budget = steps if isinstance(steps, TimeBudget) else None
+    steps = budget.most if budget else steps
     scale = output_scale(wanted)
     params = [p for n, p in target.named_parameters() if not n.startswith(frozen)]
     guard = range(0, len(inputs), GUARD_STRIDE)
     with torch.no_grad():
         before = sum((_attention_out(target, inputs[b], call) - wanted[b]).pow(2).mean() for b in guard)
+    final_pass = (time.perf_counter() - started) * len(inputs) / len(guard)  # its estimate
     for p in params:
         p.requires_grad_(True)
     # One Adam per tensor, stepped as soon as backward has its gradient, which is then dropped: the
@@ -179,7 +216,15 @@ def refine_attention(
     optimisers = [LeanAdam(p, lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-3)), REFINE_BETAS) for p in params]
     hooks = [p.register_post_accumulate_grad_hook(opt.step) for p, opt in zip(params, optimisers)]
     gen = torch.Generator().manual_seed(0)
-    for step in tqdm(range(steps), desc="refine", disable=not progress, leave=False):
+    step, probe_start = 0, None
+    bar = tqdm(total=steps, desc="refine", disable=not progress, leave=False)
+    while step < steps:
+        if budget and step == 2:  # the first steps allocate; the pace is timed after them
+            probe_start = time.perf_counter()
+        if budget and step == 2 + budget.PROBE:
+            pace = (time.perf_counter() - probe_start) / budget.PROBE
+            steps = budget.steps(pace, spent + time.perf_counter() - started, final_pass)
+            bar.total = steps
         b = int(torch.randint(len(inputs), (), generator=gen))
         rows = torch.randperm(inputs[b].shape[0], generator=gen)[:max(1, batch_tokens // inputs[b].shape[1])]
         sub = _rows(call, rows, inputs[b].shape[0])
@@ -187,6 +232,9 @@ def refine_attention(
         for opt in optimisers:  # constant, then linearly to 0 over the last REFINE_DECAY of the steps
             opt.rate = min(1.0, (steps - step) / (REFINE_DECAY * steps))
         loss.backward()  # steps every tensor (the hooks)
+        step += 1
+        bar.update()
+    bar.close()
     for p, hook in zip(params, hooks):
         p.requires_grad_(False)
         hook.remove()
@@ -197,4 +245,6 @@ def refine_attention(
                     p.copy_(p.to(dtype))
     err, outputs = output_error(target, wanted, inputs, call, scale)
     after = sum((_first(outputs[b]) - wanted[b]).pow(2).mean() for b in guard)
-    return Refinement(err, inputs, outputs) if after < before else None  # never worse than the closed form
+    if after < before:  # never leave a layer worse than the closed form
+        return Refinement(True, step, inputs, err, outputs)
+    return Refinement(False, step, inputs)

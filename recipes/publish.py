@@ -82,7 +82,8 @@ def recipe_rows(record: dict, hub_id: str | None = None) -> list[tuple[str, str]
         rows.append(("calibration", f"`{cal['data']}`: {cal['samples']} sequences x {cal['seq_len']} tokens"))
     ref = record.get("refinement")
     per_step = f" of {ref['tokens_per_step']:,} tokens" if ref and ref.get("tokens_per_step") else ""
-    rows.append(("refinement", f"{ref['steps']} layer-local output-matching steps{per_step}" if ref else "none (closed form)"))
+    share = f", as many as fit in {ref['time_share']}x the closed form's time" if ref and ref.get("time_share") else ""
+    rows.append(("refinement", f"{ref['steps']} layer-local output-matching steps{per_step}{share}" if ref else "none (closed form)"))
     rows.append(("kvslim", record.get("kvslim_version", "?")))
     return rows
 

@@ -252,18 +252,36 @@ def test_refinement_step_size_defaults_by_method_and_is_recorded(save_model, tmp
     assert not (tmp_path / "bad").exists()
 
 
-def test_default_refinement_passes_over_the_calibration_set_a_fixed_number_of_times():
-    from kvslim.convert.refine import REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE, Effort
+def test_default_refinement_takes_what_fits_its_time_share_between_a_floor_and_a_most_passes():
+    from kvslim.convert.refine import REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE, Effort, TimeBudget
 
-    effort = Effort(512, 1e-2, epochs=4, min_steps=25)
-    assert effort.steps_for(128 * 512, 512) == 512 and effort.steps_for(32 * 512, 512) == 128
-    assert effort.step_tokens(256) == 512 and effort.steps_for(128 * 256, 256) == 256
+    effort = Effort(512, 1e-2, time_share=2.0, min_steps=25, max_epochs=8)
+    assert effort.step_range(32 * 512, 512) == (25, 256)
+    assert effort.step_tokens(256) == 512 and effort.step_range(128 * 256, 256) == (25, 512)
     # windows longer than a step's tokens: one window a step, counted whole
-    assert effort.step_tokens(2048) == 2048 and effort.steps_for(64 * 2048, 2048) == 256
-    assert effort.steps_for(8 * 16, 16) == 25  # the floor, for tiny calibration sets
+    assert effort.step_tokens(2048) == 2048 and effort.step_range(8 * 2048, 2048) == (25, 64)
+    assert effort.step_range(8 * 16, 16) == (25, 25)  # tiny calibration sets: the floor
+    assert Effort(2048, 2e-2, steps=300).step_range(10**6, 512) == (300, 300)
+    budget = TimeBudget(10.0, 25, 256)
+    assert budget.steps(0.05, spent=1.0, final_pass=1.0) == 160  # (10 - 1 - 1) / 0.05
+    assert budget.steps(0.001, 1.0, 1.0) == 256 and budget.steps(1.0, 1.0, 1.0) == 25 == budget.steps(1.0, 20.0, 1.0)
     for levels in (REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE):
-        assert levels["max"].steps_for(10**6, 512) == levels["max"].steps_for(10, 512) == 300
-        assert levels["default"].batch_tokens < levels["max"].batch_tokens
+        assert levels["max"].step_range(10**6, 512) == levels["max"].step_range(10, 512) == (300, 300)
+        assert levels["default"].batch_tokens < levels["max"].batch_tokens and levels["default"].time_share
+
+
+def test_the_default_sets_one_step_count_on_the_first_layer_and_records_its_budget(save_model, tmp_path, text_file):
+    from kvslim.convert.refine import REFINE_EFFORT
+
+    src = save_model(make_model("llama", 4, 4, seed=5))
+    record = kvslim.convert(str(src), tmp_path / "out", to="mla", kv_budget=0.5, calib_data=str(text_file),
+                            calib_samples=32, calib_seq_len=64, progress=False).to_dict()
+    refinement = record["refinement"]
+    fewest, most = REFINE_EFFORT["default"].step_range(32 * 64, 64)
+    assert fewest <= refinement["steps"] <= most and refinement["quality"] == "default"
+    assert refinement["time_share"] == REFINE_EFFORT["default"].time_share
+    assert 0 < refinement["closed_form_estimate_s"] < record["seconds"]
+    assert len(refinement["relative_output_error"]) == 2
 
 
 def test_a_refinement_that_does_not_help_leaves_the_closed_form_bit_for_bit(save_model, tmp_path, text_file):
