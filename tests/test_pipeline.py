@@ -255,7 +255,7 @@ def test_refinement_step_size_defaults_by_method_and_is_recorded(save_model, tmp
 def test_default_refinement_takes_what_fits_its_time_share_between_a_floor_and_a_most_passes():
     from kvslim.convert.refine import REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE, Effort, TimeBudget
 
-    effort = Effort(512, 1e-2, time_share=2.0, min_steps=25, max_epochs=8)
+    effort = Effort(512, 1e-2, time_share=1.8, min_steps=25, max_epochs=8)
     assert effort.step_range(32 * 512, 512) == (25, 256)
     assert effort.step_tokens(256) == 512 and effort.step_range(128 * 256, 256) == (25, 512)
     # windows longer than a step's tokens: one window a step, counted whole

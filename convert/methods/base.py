@@ -60,8 +60,8 @@ class Settings:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
         if self.quality not in QUALITY_LEVELS:
             raise ConversionError(f"--quality {self.quality!r} is not one of {', '.join(QUALITY_LEVELS)} "
-                                  "(default: a few passes over the calibration tokens in steps of 512; max: 300 "
-                                  "steps of 2,048 tokens per layer).")
+                                  "(default: steps of 512 tokens, as many as fit in 1.8x the closed form's time; "
+                                  "max: 300 steps of 2,048 tokens per layer).")
         parse_dtype(self.dtype)
 
     @property
