@@ -148,7 +148,8 @@ class _ReplayMismatch(Exception):
 
 class _Replay(nn.Module):
     """Stands in for a layer's attention: returns the outputs already computed for the same inputs,
-    batch after batch, and raises _ReplayMismatch on any other input."""
+    batch after batch, and raises _ReplayMismatch on any other input. The lists are emptied as
+    they are used."""
 
     def __init__(self, inputs: list[torch.Tensor], outputs: list):
         super().__init__()
@@ -157,9 +158,11 @@ class _Replay(nn.Module):
     def forward(self, *args, **kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
         k, self.calls = self.calls, self.calls + 1
-        if k >= len(self.inputs) or not torch.equal(x, self.inputs[k]):
+        if k >= len(self.inputs) or self.inputs[k] is None or not torch.equal(x, self.inputs[k]):
             raise _ReplayMismatch
-        return self.outputs[k]
+        # each batch is let go once used (a fallback computes from the stream, not from these)
+        out, self.inputs[k], self.outputs[k] = self.outputs[k], None, None
+        return out
 
 
 class LayerwiseRunner:

@@ -347,10 +347,13 @@ def test_the_stream_computes_an_attention_whose_inputs_are_not_the_replayed_ones
     start = list(runner.hidden)
     inputs, call = runner.attention_inputs(0, adapter.attention_module)
     zeros = [(torch.zeros_like(x), None) for x in inputs]
-    runner.advance(0, None, {}, replay=(adapter.attention_module, inputs, zeros))
+    shifted = [x + 1 for x in inputs]
+    used = (adapter.attention_module, list(inputs), list(zeros))
+    runner.advance(0, None, {}, replay=used)
     replayed = runner.hidden  # the attention contributed nothing: the residual stream plus the MLP only
+    assert all(x is None for x in used[1] + used[2])  # each batch let go once replayed
     runner.hidden = start
-    runner.advance(0, None, {}, replay=(adapter.attention_module, [x + 1 for x in inputs], zeros))
+    runner.advance(0, None, {}, replay=(adapter.attention_module, shifted, list(zeros)))
     computed = runner.hidden
     runner.hidden = start
     runner.advance(0, None, {})
