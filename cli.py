@@ -289,7 +289,7 @@ DEMO_TEXT = Path(__file__).resolve().parent / "recipes" / "text"  # public-domai
 DEMO_CALIB, DEMO_EVAL = DEMO_TEXT / "the_time_machine.txt", DEMO_TEXT / "jekyll_and_hyde.txt"
 # sized to finish in a few minutes on 2 CPU cores (measured in benchmarks/results/demo_runtime.md)
 DEMO_SETTINGS = dict(calib_samples=32, calib_seq_len=256)  # and the default refinement
-DEMO_EVAL_TOKENS, DEMO_WINDOW, DEMO_MINUTES = 8192, 512, 5  # 3.1 min with the model downloaded (110 s converting)
+DEMO_EVAL_TOKENS, DEMO_WINDOW, DEMO_MINUTES = 8192, 512, 5  # 3.1 min with the model downloaded (112 s converting)
 
 
 @app.command()
