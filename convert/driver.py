@@ -3,7 +3,8 @@
 Per layer: read the source attention, measure its input statistics on the calibration stream,
 let the method convert it, refine it against the source layer's outputs, advance the stream
 through the converted layer (so the next layer calibrates on what it will really see), and write
-it. Only one layer's weights are in memory at a time; the output appears atomically.
+it. Only one layer's weights are in memory at a time; the output appears atomically. A time-bounded
+refinement (the default) sets its step count on the first layer, from that layer's timings.
 """
 
 from __future__ import annotations
