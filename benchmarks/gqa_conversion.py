@@ -132,6 +132,7 @@ def run(models: list[str], methods: list[tuple[str, dict]], work: Path) -> dict:
                            kv_bytes_after=rec["kv_bytes_per_token_after"], ppl_source=base["perplexity"],
                            ppl=ev["perplexity"], ppl_increase=ev["perplexity"] / base["perplexity"] - 1,
                            seconds=round(conv["seconds"], 1), peak_rss_mib=round(conv["peak_rss_mib"]),
+                           refinement={k: v for k, v in (rec.get("refinement") or {}).items() if k != "relative_output_error"},
                            eval=f"{spec['eval_desc']}, {ev['tokens_scored']} tokens, {ev['window']}-token windows, BOS prepended")
                 rows.append(row)
                 print(f"  {kv_str(row)} {label:16s} ppl {row['ppl']:10.2f} (+{row['ppl_increase']:.1%})  "

@@ -42,7 +42,7 @@ def run(rows: list, target: dict, other: str | None) -> list[dict]:
             conv = child(CONVERT_CHILD, json.dumps(args))
             ev = child(EVAL_CHILD, str(work / "out"), json.dumps(spec["eval_files"]), str(spec["window"]))
             refinement = conv["record"].get("refinement") or {}
-            row = dict(code=code, steps=refinement.get("steps", steps or 0), lr=refinement.get("lr"),
+            row = dict(code=code, options=extra, steps=refinement.get("steps", steps or 0), lr=refinement.get("lr"),
                        perplexity=round(ev["perplexity"], 3),
                        seconds=round(conv["seconds"], 1), layer_error=refinement.get("relative_output_error"))
             out.append(row)
@@ -65,15 +65,16 @@ def markdown(r: dict) -> str:
     what = {"mla": f"MLA, {t.get('kv_budget')} of the KV cache", "gqa": f"GQA, {t.get('kv_heads')} KV heads",
             "mqa": "MQA"}[t["to"]]
     lines = [f"# Refinement: cost and quality by steps (llama-mha-gutenberg -> {what}, no training)", "",
-             "Held-out perplexity (first 8,192 tokens, 256-token windows); "
-             f"'other' is `{r['other']}` ({r['other_note']}). {r['note']}", "",
+             "Held-out perplexity (first 8,192 tokens, 256-token windows). "
+             + (f"'other' is `{r['other']}` ({r['other_note']}). " if r["other"] else "") + r["note"], "",
              "| code | refine steps | lr | perplexity | conversion s | x closed form | per-layer output error after refinement |",
              "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         err = " ".join(f"{e:.4f}" for e in row["layer_error"]) if row["layer_error"] else "-"
         ratio = "-" if row.get("x_closed_form") is None else f"{row['x_closed_form']:.2f}"
         lr = "-" if row.get("lr") is None else f"{row['lr']:g}"
-        lines.append(f"| {row['code']} | {row['steps']} | {lr} | {row['perplexity']:.3f} | {row['seconds']:.1f} | {ratio} | {err} |")
+        code = " ".join([row["code"], *(f"{k}={v}" for k, v in row.get("options", {}).items())])
+        lines.append(f"| {code} | {row['steps']} | {lr} | {row['perplexity']:.3f} | {row['seconds']:.1f} | {ratio} | {err} |")
     return "\n".join(lines + ["", machine_line(r["machine"]), ""])
 
 

@@ -268,6 +268,41 @@ def test_default_refinement_takes_what_fits_its_time_share_between_a_floor_and_a
     for levels in (REFINE_EFFORT, REFINE_EFFORT_HEAD_MERGE):
         assert levels["max"].step_range(10**6, 512) == levels["max"].step_range(10, 512) == (300, 300)
         assert levels["default"].batch_tokens < levels["max"].batch_tokens and levels["default"].time_share
+    assert budget.steps(0.05, 1.0, 1.0, done=40) == 200  # the steps taken come on top of what still fits
+
+
+@pytest.mark.parametrize("stall", [0.0, 1.0])
+def test_a_stall_during_the_first_steps_does_not_set_the_step_count(monkeypatch, stall):
+    """A fake clock that moves only when the layer computes (10 ms a call): one call that stalls
+    for `stall` seconds among the first timed steps costs the count only the stall's own time: the
+    pace is the median step, not the mean of the first ten."""
+    import time
+
+    from torch import nn
+
+    from kvslim.convert.refine import TimeBudget, refine_attention
+
+    clock, calls = [0.0], [0]
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, hidden_states, **_):
+            calls[0] += 1
+            clock[0] += 0.01 + (stall if calls[0] == 2 + 6 else 0.0)  # after the 2-batch guard pass: step 6
+            return self.proj(hidden_states)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    torch.manual_seed(0)
+    source, target = nn.Linear(8, 8, bias=False), Layer()
+    inputs = [torch.randn(2, 4, 8) for _ in range(8)]
+    with torch.no_grad():
+        wanted = [source(x) for x in inputs]
+    fit = refine_attention(target, wanted, inputs, {}, TimeBudget(3.0, 25, 1000), lr=1e-2, batch_tokens=4)
+    # 3 s less the guard pass (0.02 s), its estimate for the final pass (0.08 s) and the stall, at 10 ms a step
+    assert abs(fit.steps - (290 - 100 * stall)) <= 2, fit.steps
 
 
 def test_the_default_sets_one_step_count_on_the_first_layer_and_records_its_budget(save_model, tmp_path, text_file):
