@@ -70,9 +70,11 @@ class TimeBudget:
     """A layer's refinement time, in seconds, and the step counts allowed. The count is set from the
     steps' pace once PROBE steps are timed, and set again after every step until half of it is
     done (before the rate's decay starts): what fits once the time already spent and the final error
-    pass are taken out. The pace is the median step: on a small model 10 steps take 0.2 s, and
-    with their mean, a moment of other work on the cores set llama-mha-gutenberg -> GQA 8 -> 2 at
-    132 steps where quiet runs set 241-276."""
+    pass are taken out. The pace is the mean step without stalls (steps over STALL times the
+    median): on a small model 10 steps take 0.2 s, and with their plain mean a moment of other work
+    on the cores set llama-mha-gutenberg -> GQA 8 -> 2 at 132 steps where quiet runs set 241-276;
+    the median alone is too low (steps vary by tens of percent) and took MQA 8 -> 1 to 3.3x its
+    closed form."""
 
     seconds: float
     fewest: int
@@ -80,6 +82,12 @@ class TimeBudget:
 
     PROBE = 10  # steps timed before the first count (the first steps, which allocate, are not timed)
     SETTLED = 0.5  # of the count: from there on it stays
+    STALL = 4.0  # a step this many times the median is another process's doing, not the pace
+
+    @classmethod
+    def pace(cls, durations: list[float]) -> float:
+        typical = statistics.median(durations)
+        return statistics.fmean(d for d in durations if d <= cls.STALL * typical)
 
     def steps(self, step_seconds: float, spent: float, final_pass: float, done: int = 0) -> int:
         fit = done + int((self.seconds - spent - final_pass) / step_seconds)
@@ -239,7 +247,7 @@ def refine_attention(
             now = time.perf_counter()
             durations.append(now - step_start)
             if len(durations) >= budget.PROBE and step < budget.SETTLED * steps:
-                steps = budget.steps(statistics.median(durations), spent + now - started, final_pass, done=step)
+                steps = budget.steps(budget.pace(durations), spent + now - started, final_pass, done=step)
                 bar.total = steps
     bar.close()
     for p, hook in zip(params, hooks):

@@ -275,7 +275,7 @@ def test_default_refinement_takes_what_fits_its_time_share_between_a_floor_and_a
 def test_a_stall_during_the_first_steps_does_not_set_the_step_count(monkeypatch, stall):
     """A fake clock that moves only when the layer computes (10 ms a call): one call that stalls
     for `stall` seconds among the first timed steps costs the count only the stall's own time: the
-    pace is the median step, not the mean of the first ten."""
+    pace leaves stalls out, and it is set again after the first ten steps."""
     import time
 
     from torch import nn
@@ -303,6 +303,14 @@ def test_a_stall_during_the_first_steps_does_not_set_the_step_count(monkeypatch,
     fit = refine_attention(target, wanted, inputs, {}, TimeBudget(3.0, 25, 1000), lr=1e-2, batch_tokens=4)
     # 3 s less the guard pass (0.02 s), its estimate for the final pass (0.08 s) and the stall, at 10 ms a step
     assert abs(fit.steps - (290 - 100 * stall)) <= 2, fit.steps
+
+
+def test_the_pace_is_the_mean_step_without_stalls():
+    from kvslim.convert.refine import TimeBudget
+
+    uneven = [0.01, 0.01, 0.03] * 5  # the median is 0.01
+    assert TimeBudget.pace(uneven) == pytest.approx(0.05 / 3)  # uneven steps: their mean
+    assert TimeBudget.pace(uneven + [1.0]) == pytest.approx(0.05 / 3)  # a stall: left out
 
 
 def test_the_default_sets_one_step_count_on_the_first_layer_and_records_its_budget(save_model, tmp_path, text_file):
