@@ -89,8 +89,7 @@ def _run(job: Job, method: ConversionMethod, out: AtomicDirectory, started: floa
             record.refinement = {"steps": steps, "tokens_per_step": batch_tokens, "lr": lr,
                                  **({"quality": settings.quality} if settings.refine_steps is None else {}),
                                  **({"time_share": effort.time_share,
-                                     "closed_form_estimate_s": round(budget.seconds * layout.num_layers
-                                                                     / effort.time_share, 1)} if budget else {}),
+                                     "closed_form_estimate_s": round(budget.closed_form, 1)} if budget else {}),
                                  "relative_output_error": errors}
         writer.close()
         save(job, method, config, record, tmp, started)
@@ -111,11 +110,13 @@ def time_budget(effort: Effort, runner, target_layer, layer, setup: float, layer
                 num_layers: int, fewest: int, most: int) -> TimeBudget:
     """Each layer's refinement time: `effort.time_share` of the closed form's per layer, estimated
     from the first layer (`setup`: the seconds before it; `layer_seconds`: its reading, statistics and
-    closed form) and one timed pass of the stream through it (what its advance costs)."""
+    closed form) and one timed pass of the stream through it (what its advance costs), plus that
+    pass: a refined layer's advance replays the refinement's outputs instead, so the conversion
+    takes (1 + time_share) times the closed form (SmolLM2-135M -> MLA: the pass is a third of it)."""
     overrides = {**layer.extra, **layer.attention}
     stream_pass = runner.pass_seconds(0, target_layer, overrides, call=layer.call)
     closed_form = setup + num_layers * (layer_seconds + stream_pass)
-    return TimeBudget(effort.time_share * closed_form / num_layers, fewest, most)
+    return TimeBudget(effort.time_share * closed_form / num_layers + stream_pass, fewest, most, closed_form)
 
 
 def fused_attention(model):

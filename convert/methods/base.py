@@ -16,7 +16,7 @@ import torch
 from ..adapters import AttentionAdapter, AttentionLayout
 from ..errors import ConversionError
 from ..records import ConversionRecord
-from ..refine import QUALITY_LEVELS, REFINE_EFFORT, REFINE_LR, REFINE_LR_HEAD_MERGE, Effort
+from ..refine import QUALITY_LEVELS, REFINE_EFFORT, REFINE_LR, REFINE_LR_HEAD_MERGE, REFINE_TIME_SHARE, Effort
 from ..sources import CheckpointSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -60,7 +60,7 @@ class Settings:
             raise ConversionError(f"--refine-steps {self.refine_steps} is negative; use 0 (closed form only) or more.")
         if self.quality not in QUALITY_LEVELS:
             raise ConversionError(f"--quality {self.quality!r} is not one of {', '.join(QUALITY_LEVELS)} "
-                                  "(default: steps of 512 tokens, as many as fit in 1.8x the closed form's time; "
+                                  f"(default: steps of 512 tokens, as many as fit in {REFINE_TIME_SHARE:g}x the closed form's time; "
                                   "max: 300 steps of 2,048 tokens per layer).")
         parse_dtype(self.dtype)
 
