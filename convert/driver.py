@@ -110,13 +110,11 @@ def time_budget(effort: Effort, runner, target_layer, layer, setup: float, layer
                 num_layers: int, fewest: int, most: int) -> TimeBudget:
     """Each layer's refinement time: `effort.time_share` of the closed form's per layer, estimated
     from the first layer (`setup`: the seconds before it; `layer_seconds`: its reading, statistics and
-    closed form) and one timed pass of the stream through it (what its advance costs), plus that
-    pass: a refined layer's advance replays the refinement's outputs instead, so the conversion
-    takes (1 + time_share) times the closed form (SmolLM2-135M -> MLA: the pass is a third of it)."""
+    closed form) and one timed pass of the stream through it (what its advance costs)."""
     overrides = {**layer.extra, **layer.attention}
     stream_pass = runner.pass_seconds(0, target_layer, overrides, call=layer.call)
     closed_form = setup + num_layers * (layer_seconds + stream_pass)
-    return TimeBudget(effort.time_share * closed_form / num_layers + stream_pass, fewest, most, closed_form)
+    return TimeBudget(effort.time_share * closed_form / num_layers, fewest, most, closed_form)
 
 
 def fused_attention(model):

@@ -69,8 +69,9 @@ class Effort:
 class TimeBudget:
     """A layer's refinement time, in seconds, and the step counts allowed. The count is set from the
     steps' pace once PROBE steps are timed, and set again after every step until half of it is
-    done (before the rate's decay starts): what fits once the time already spent and the final error
-    pass are taken out. The pace is the mean step without stalls (steps over STALL times the
+    done (before the rate's decay starts): what fits once the time already spent is taken out. The
+    final error pass is not: the calibration stream replays its outputs instead of computing the
+    attention again, so it takes the place of work the closed form does too. The pace is the mean step without stalls (steps over STALL times the
     median): on a small model 10 steps take 0.2 s, and with their plain mean a moment of other work
     on the cores set llama-mha-gutenberg -> GQA 8 -> 2 at 132 steps where quiet runs set 241-276;
     the median alone is too low (steps vary by tens of percent) and took MQA 8 -> 1 to 3.3x its
@@ -90,16 +91,16 @@ class TimeBudget:
         typical = statistics.median(durations)
         return statistics.fmean(d for d in durations if d <= cls.STALL * typical)
 
-    def steps(self, step_seconds: float, spent: float, final_pass: float, done: int = 0) -> int:
-        fit = done + int((self.seconds - spent - final_pass) / step_seconds)
+    def steps(self, step_seconds: float, spent: float, done: int = 0) -> int:
+        fit = done + int((self.seconds - spent) / step_seconds)
         return min(self.most, max(self.fewest, fit))
 
 
 # Refinement takes about REFINE_TIME_SHARE times the closed form's time, so that the default conversion
 # stays under 3x its closed form whatever the model and the machine. The closed form is estimated on the
 # first layer, which runs slower than the rest on a small model (llama-mha-gutenberg: ~15% over), so the
-# share leaves room: at 1.8, llama-mha-gutenberg -> MQA 8 -> 1 took 3.04x and -> GQA 8 -> 2 2.71x
-# (refine_cost_gutenberg_*_share18.md). No fixed step count does that:
+# share leaves room: at 1.8 (less the final error pass), llama-mha-gutenberg -> MQA 8 -> 1 took 3.04x
+# and -> GQA 8 -> 2 2.71x (refine_cost_gutenberg_*_share18.md). No fixed step count does that:
 # SmolLM2-135M -> MQA (64 x 512 calibration tokens) took 4.4x its closed form with 4 passes over the
 # calibration tokens, where llama-mha-gutenberg -> GQA 8 -> 2 took 2.7x (its closed form carries a fixed
 # overhead several times its per-layer work) and needed those 4 passes to stay within 0.5% of the
@@ -224,7 +225,6 @@ def refine_attention(
     guard = range(0, len(inputs), GUARD_STRIDE)
     with torch.no_grad():
         before = sum((_attention_out(target, inputs[b], call) - wanted[b]).pow(2).mean() for b in guard)
-    final_pass = (time.perf_counter() - started) * len(inputs) / len(guard)  # its estimate
     for p in params:
         p.requires_grad_(True)
     # One Adam per tensor, stepped as soon as backward has its gradient, which is then dropped: the
@@ -250,7 +250,7 @@ def refine_attention(
             now = time.perf_counter()
             durations.append(now - step_start)
             if len(durations) >= budget.PROBE and step < budget.SETTLED * steps:
-                steps = budget.steps(budget.pace(durations), spent + now - started, final_pass, done=step)
+                steps = budget.steps(budget.pace(durations), spent + now - started, done=step)
                 bar.total = steps
     bar.close()
     for p, hook in zip(params, hooks):
