@@ -44,7 +44,8 @@ def run(rows: list, target: dict, other: str | None) -> list[dict]:
             refinement = conv["record"].get("refinement") or {}
             row = dict(code=code, options=extra, steps=refinement.get("steps", steps or 0), lr=refinement.get("lr"),
                        perplexity=round(ev["perplexity"], 3),
-                       seconds=round(conv["seconds"], 1), layer_error=refinement.get("relative_output_error"))
+                       seconds=round(conv["seconds"], 1), layer_error=refinement.get("relative_output_error"),
+                       closed_form_estimate_s=refinement.get("closed_form_estimate_s"))
             out.append(row)
             print(json.dumps(row), flush=True)
     os.environ.pop("PYTHONPATH", None)
