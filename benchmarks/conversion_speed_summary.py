@@ -1,10 +1,10 @@
 """The conversion-speed table: each calibrated conversion's default against its own closed form
-(time) and against the earlier default, `--quality max` (perplexity), collected from the committed
-results of refine_cost.py, gqa_conversion.py and mla_conversion.py. It converts nothing itself.
+(time), and against the default the issue measured and today's `--quality max` (perplexity),
+collected from the committed results of refine_cost.py, gqa_conversion.py and mla_conversion.py. It
+converts nothing itself.
 
-Each row's times come from one run (the closed form and the default side by side); the earlier
-default's perplexity comes from the same run where the run has a `quality=max` row, otherwise from
-the file named in the row.
+Each row's times come from one run (the closed form and the default side by side); perplexities are
+deterministic, so the two comparisons may come from other runs, which the row names.
 
     python benchmarks/conversion_speed_summary.py
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gqa_conversion import RESULTS, figure, machine_line, save_results  # noqa: E402
 
-TOLERANCE = 0.005  # the default's perplexity may be this much above the earlier default's
+TOLERANCE = 0.005  # the default's perplexity may be this much above the issue's default's
 MOST_RATIO = 3.0  # ... and take at most this many times its closed form
 
 

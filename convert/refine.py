@@ -71,11 +71,11 @@ class TimeBudget:
     steps' pace once PROBE steps are timed, and set again after every step until half of it is
     done (before the rate's decay starts): what fits once the time already spent is taken out. The
     final error pass is not: the calibration stream replays its outputs instead of computing the
-    attention again, so it takes the place of work the closed form does too. The pace is the mean step without stalls (steps over STALL times the
-    median): on a small model 10 steps take 0.2 s, and with their plain mean a moment of other work
-    on the cores set llama-mha-gutenberg -> GQA 8 -> 2 at 132 steps where quiet runs set 241-276;
-    the median alone is too low (steps vary by tens of percent) and took MQA 8 -> 1 to 3.3x its
-    closed form."""
+    attention again, so it takes the place of work the closed form does too.
+    The pace is the mean step without stalls (steps over STALL times the median): on a small model
+    10 steps take 0.2 s, and with their plain mean a moment of other work on the cores set
+    llama-mha-gutenberg -> GQA 8 -> 2 at 132 steps where quiet runs set 241-276; the median alone is
+    too low (steps vary by tens of percent) and took MQA 8 -> 1 to 3.3x its closed form."""
 
     seconds: float
     fewest: int
@@ -97,11 +97,12 @@ class TimeBudget:
 
 
 # Refinement takes about REFINE_TIME_SHARE times the closed form's time, so that the default conversion
-# stays under 3x its closed form whatever the model and the machine. The closed form is estimated on the
-# first layer, which runs slower than the rest on a small model (llama-mha-gutenberg: ~15% over), so the
-# share leaves room for that and for the machine: one conversion's time varies by +-15% between runs on 2
-# shared cores. At 1.8 (less the final error pass), llama-mha-gutenberg -> MQA 8 -> 1 took 3.04x its
-# closed form, and at 1.6 -> GQA 8 -> 4 took 3.11x (refine_cost_gutenberg_*_share18.md, *_share16.md). No fixed step count does that:
+# takes 2-3x its closed form whatever the model (2.1-2.9x measured: conversion_speed_summary.md). The
+# closed form is estimated on the first layer, which runs slower than the rest on a small model
+# (llama-mha-gutenberg: up to 25% over), so the share leaves room for that and for the machine: one
+# conversion's time varies by +-15% between runs on 2 shared cores. At 1.8 (less the final error pass),
+# llama-mha-gutenberg -> MQA 8 -> 1 took 3.04x its closed form, and at 1.6 -> GQA 8 -> 4 took 3.11x
+# (refine_cost_gutenberg_*_share18.md, *_share16.md). No fixed step count holds the ratio:
 # SmolLM2-135M -> MQA (64 x 512 calibration tokens) took 4.4x its closed form with 4 passes over the
 # calibration tokens, where llama-mha-gutenberg -> GQA 8 -> 2 took 2.7x (its closed form carries a fixed
 # overhead several times its per-layer work) and needed those 4 passes to stay within 0.5% of the
